@@ -1,0 +1,33 @@
+"""The axguard Python client: `AxguardClient` and its typed errors."""
+
+from .client import (
+    AxguardClient,
+    ax_process_name,
+    ax_process_value,
+    build_check_request,
+    method_name,
+    method_value,
+)
+from .errors import (
+    ClientError,
+    DeadlineExceeded,
+    InvalidArgument,
+    ResourceExhausted,
+    ServerError,
+    Unavailable,
+)
+
+__all__ = [
+    "AxguardClient",
+    "ClientError",
+    "DeadlineExceeded",
+    "InvalidArgument",
+    "ResourceExhausted",
+    "ServerError",
+    "Unavailable",
+    "ax_process_name",
+    "ax_process_value",
+    "build_check_request",
+    "method_name",
+    "method_value",
+]

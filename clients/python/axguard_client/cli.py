@@ -1,0 +1,143 @@
+"""Client subcommands of the `axguard` CLI: check, info, health. No torch is imported."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from google.protobuf.json_format import MessageToDict
+
+from .client import AxguardClient, ax_process_name, method_name
+from .errors import ClientError
+
+DEFAULT_TARGET = "localhost:50051"
+
+
+def _split(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register check, info and health on an argparse subparsers object."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--target", default=DEFAULT_TARGET,
+                        help=f"server address host:port (default {DEFAULT_TARGET})")
+    common.add_argument("--timeout", type=float, default=30.0,
+                        help="deadline of each call in seconds (default 30)")
+    common.add_argument("--json", action="store_true", help="print the response as JSON")
+
+    check = subparsers.add_parser("check", parents=[common],
+                                  help="check images on a running server")
+    check.add_argument("images", nargs="+", type=Path, help="PNG/JPEG/BMP/TIFF files")
+    check.add_argument("--methods", type=_split, default=[],
+                       help="comma-separated methods, e.g. saliency,deconvolution "
+                            "(default: the server's)")
+    check.add_argument("--ax", type=_split, default=[], dest="ax_processes",
+                       help="comma-separated AX processes: sum,product (default sum)")
+    check.add_argument("--label", type=int, default=None,
+                       help="true class index: adds the paper's labelled CO score")
+    check.set_defaults(handler=run_check)
+
+    info = subparsers.add_parser("info", parents=[common], help="describe the served model")
+    info.set_defaults(handler=run_info)
+
+    health = subparsers.add_parser("health", parents=[common], help="health status")
+    health.add_argument("--service", default="", help="service name (default: overall)")
+    health.set_defaults(handler=run_health)
+
+
+def _to_dict(message: object) -> dict:
+    return MessageToDict(message, preserving_proto_field_name=True,  # type: ignore[arg-type]
+                         always_print_fields_with_no_presence=True)
+
+
+def format_check(path: Path, response: object) -> str:
+    """Return the human-readable lines for one CheckResponse."""
+    p = response.prediction  # type: ignore[attr-defined]
+    lines = [f"{path}: predicted {p.class_name!r} (class {p.class_index}) "
+             f"with probability {p.probability:.4f}"]
+    for s in response.co_scores:  # type: ignore[attr-defined]
+        label = f"  CO {method_name(s.method)}/{ax_process_name(s.ax_process)}"
+        text = f"{label:<34} {s.score:+.4f}"
+        if s.HasField("labelled_score"):
+            text += f"   labelled {s.labelled_score:+.4f}"
+        if s.zero_heatmap:
+            text += "   (zero heatmap)"
+        lines.append(text)
+    v = response.verdict  # type: ignore[attr-defined]
+    if v.calibrated:
+        word = "LIKELY WRONG" if v.likely_wrong else "ok"
+        lines.append(f"  verdict: {word} (risk {v.risk:.4f}, threshold {v.threshold:.4f}, "
+                     f"calibration {v.calibration_id})")
+    else:
+        lines.append("  verdict: not calibrated (the server has no calibration loaded)")
+    return "\n".join(lines)
+
+
+def run_check(args: argparse.Namespace) -> int:
+    with AxguardClient(args.target, timeout=args.timeout) as client:
+        failed = 0
+        outputs = []
+        for path in args.images:
+            try:
+                response = client.check(path, methods=args.methods,
+                                        ax_processes=args.ax_processes, label=args.label)
+            except (ClientError, OSError) as err:
+                print(f"{path}: error: {err}", file=sys.stderr)
+                failed += 1
+                continue
+            if args.json:
+                outputs.append({"image": str(path), **_to_dict(response)})
+            else:
+                print(format_check(path, response))
+        if args.json:
+            print(json.dumps(outputs[0] if len(args.images) == 1 and outputs else outputs,
+                             indent=2))
+    return 1 if failed else 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    with AxguardClient(args.target, timeout=args.timeout) as client:
+        try:
+            info = client.model_info()
+        except ClientError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(json.dumps(_to_dict(info), indent=2))
+        return 0
+    print(f"model {info.name} version {info.version}")
+    print(f"  fingerprint  {info.fingerprint}")
+    print(f"  input        {list(info.input_shape)} mean {list(info.mean)} std {list(info.std)}")
+    print(f"  classes      {', '.join(info.class_names)}")
+    print(f"  methods      {', '.join(method_name(m) for m in info.available_methods)}")
+    print(f"  defaults     {', '.join(method_name(m) for m in info.default_methods)}")
+    print(f"  device       {info.device}{'  (TorchScript)' if info.torchscript else ''}")
+    calibration = info.calibration.calibration_id if info.HasField("calibration") else "none"
+    print(f"  calibration  {calibration}")
+    return 0
+
+
+def run_health(args: argparse.Namespace) -> int:
+    with AxguardClient(args.target, timeout=args.timeout) as client:
+        try:
+            status = client.health(args.service)
+        except ClientError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+    print(json.dumps({"status": status}) if args.json else status)
+    return 0 if status == "SERVING" else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The client-only CLI (`python -m axguard_client.cli check ...`)."""
+    parser = argparse.ArgumentParser(prog="axguard-client")
+    add_client_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.handler(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

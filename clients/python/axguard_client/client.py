@@ -1,0 +1,130 @@
+"""The Python client: a context manager around a gRPC channel, a deadline on every call."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from axguard.v1 import confidence_pb2 as pb
+from axguard.v1 import confidence_pb2_grpc as pb_grpc
+
+from .errors import from_rpc_error
+
+ImageLike = bytes | str | Path
+
+
+def method_value(method: str | int) -> int:
+    """Return the AttributionMethod value for "saliency", "SALIENCY" or an enum value."""
+    if isinstance(method, int):
+        return method
+    return pb.AttributionMethod.Value("ATTRIBUTION_METHOD_" + method.upper())
+
+
+def method_name(value: int) -> str:
+    """Return the short name ("saliency") of an AttributionMethod value."""
+    return pb.AttributionMethod.Name(value).removeprefix("ATTRIBUTION_METHOD_").lower()
+
+
+def ax_process_value(process: str | int) -> int:
+    """Return the AxProcess value for "sum", "PRODUCT" or an enum value."""
+    if isinstance(process, int):
+        return process
+    return pb.AxProcess.Value("AX_PROCESS_" + process.upper())
+
+
+def ax_process_name(value: int) -> str:
+    """Return the short name ("sum") of an AxProcess value."""
+    return pb.AxProcess.Name(value).removeprefix("AX_PROCESS_").lower()
+
+
+def build_check_request(
+    image: ImageLike,
+    *,
+    methods: Sequence[str | int] = (),
+    ax_processes: Sequence[str | int] = (),
+    label: int | None = None,
+    return_heatmaps: bool = False,
+    request_id: str = "",
+) -> pb.CheckRequest:
+    """Return a CheckRequest for an encoded image (bytes) or an image file path."""
+    data = image if isinstance(image, bytes) else Path(image).read_bytes()
+    request = pb.CheckRequest(
+        request_id=request_id,
+        image=pb.Image(encoded=data),
+        methods=[method_value(m) for m in methods],
+        ax_processes=[ax_process_value(p) for p in ax_processes],
+        return_heatmaps=return_heatmaps,
+    )
+    if label is not None:
+        request.label = label
+    return request
+
+
+class AxguardClient:
+    """A connection to an axguard server.
+
+    >>> with AxguardClient("localhost:50051") as client:
+    ...     response = client.check("digit.png")
+    """
+
+    def __init__(self, target: str = "localhost:50051", *, timeout: float = 30.0,
+                 max_message_bytes: int = 64 * 1024 * 1024) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(target, options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ])
+        self._stub = pb_grpc.ConfidenceServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def __enter__(self) -> AxguardClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel."""
+        self._channel.close()
+
+    def _call(self, rpc: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return rpc(request, timeout=self.timeout if timeout is None else timeout)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    def check(self, image: ImageLike | pb.CheckRequest, *, timeout: float | None = None,
+              **options: Any) -> pb.CheckResponse:
+        """Return the CheckResponse for an image file, encoded bytes or a ready request.
+
+        Options: methods, ax_processes, label, return_heatmaps, request_id.
+        """
+        request = image if isinstance(image, pb.CheckRequest) else build_check_request(
+            image, **options)
+        return self._call(self._stub.Check, request, timeout)
+
+    def check_batch(self, images: Iterable[ImageLike | pb.CheckRequest], *,
+                    timeout: float | None = None, **options: Any) -> list[pb.CheckResponse]:
+        """Return one CheckResponse per image, in order; failed items carry `error`."""
+        requests = [
+            img if isinstance(img, pb.CheckRequest) else build_check_request(img, **options)
+            for img in images
+        ]
+        response = self._call(self._stub.CheckBatch, pb.CheckBatchRequest(requests=requests),
+                              timeout)
+        return list(response.responses)
+
+    def model_info(self, *, timeout: float | None = None) -> pb.ModelInfo:
+        """Return the server's ModelInfo."""
+        return self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout)
+
+    def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """Return the health status name ("SERVING", "NOT_SERVING", ...)."""
+        response = self._call(self._health.Check,
+                              health_pb2.HealthCheckRequest(service=service), timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)

@@ -1,0 +1,57 @@
+"""Typed client errors, one per gRPC status a caller handles differently.
+
+    ClientError
+    ├── InvalidArgument     bad input: fix the request (message names the field)
+    ├── ResourceExhausted   too large, or the server is full: back off and retry
+    ├── Unavailable         not ready or shutting down: retry elsewhere or later
+    ├── DeadlineExceeded    the call took longer than its timeout
+    └── ServerError         INTERNAL and anything else: report with the request id
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ClientError(Exception):
+    """A failed axguard call; `code` is the gRPC status code."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+class InvalidArgument(ClientError):
+    """The server refused the request's content."""
+
+
+class ResourceExhausted(ClientError):
+    """The request was too large or the server had no room for it."""
+
+
+class Unavailable(ClientError):
+    """The server is not ready, shutting down, or unreachable."""
+
+
+class DeadlineExceeded(ClientError):
+    """The call's deadline passed."""
+
+
+class ServerError(ClientError):
+    """The server failed (INTERNAL) or answered with another status."""
+
+
+_BY_CODE: dict[grpc.StatusCode, type[ClientError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+}
+
+
+def from_rpc_error(error: grpc.RpcError) -> ClientError:
+    """Return the typed error for a grpc.RpcError raised by a call."""
+    code = error.code()  # type: ignore[attr-defined]
+    details = error.details() or ""  # type: ignore[attr-defined]
+    return _BY_CODE.get(code, ServerError)(code, details)

@@ -1,0 +1,135 @@
+"""Settings: one pydantic-settings object, from defaults < YAML file < AXGUARD_* env < CLI.
+
+Nested sections map to environment variables with a double underscore, e.g.
+`AXGUARD_MODEL__SOURCE=torchvision:resnet34`, `AXGUARD_SERVER__PORT=50052`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from .attribution import DEFAULT_METHODS, get_method
+
+
+class ModelSettings(BaseModel):
+    """Which model to serve and how its input looks."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = "demo"
+    """"demo", "torchvision:NAME", "package.module:factory", "torchscript:PATH" or a
+    TorchScript file path."""
+    weights: Path | None = None
+    """State dict file (loaded with weights_only=True); not used for demo or TorchScript."""
+    classes: Path | None = None
+    """Text file with one class name per line, in class-index order."""
+    num_classes: int | None = Field(default=None, ge=2)
+    """Number of classes; taken from the classes file when omitted."""
+    input_size: list[int] | None = None
+    """Input height and width in pixels: one value (square) or two (H W)."""
+    channels: int = 3
+    """Input channels the network takes (1 or 3)."""
+    mean: list[float] | None = None
+    """Per-channel mean of the normalisation placed before the network (pixel space [0, 1])."""
+    std: list[float] | None = None
+    """Per-channel standard deviation of that normalisation."""
+    name: str | None = None
+    """Model name reported by GetModelInfo; defaults to the source's name."""
+    version: str = "1"
+    """Model version reported by GetModelInfo."""
+    device: str = "cpu"
+    """Torch device: "cpu", "cuda" or "cuda:N"."""
+
+
+class AttributionSettings(BaseModel):
+    """Heatmap methods."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    default_methods: list[str] = Field(default_factory=lambda: list(DEFAULT_METHODS))
+    """Methods used when a request names none."""
+    grad_cam_layer: str | None = None
+    """Layer for LayerGradCam (qualified module name); default: the first Conv2d."""
+
+    @field_validator("default_methods")
+    @classmethod
+    def _known(cls, value: list[str]) -> list[str]:
+        for name in value:
+            get_method(name)
+        return value
+
+
+class ServerSettings(BaseModel):
+    """The gRPC server."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    """Address to bind; "0.0.0.0" or "[::]" in a container."""
+    port: int = Field(default=50051, ge=0, le=65535)
+    """gRPC port; 0 picks a free one."""
+    max_workers: int = Field(default=8, ge=1)
+    """Threads answering RPCs."""
+    max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    """Largest request or response message, in bytes."""
+    max_image_bytes: int = Field(default=16 * 1024 * 1024, ge=1)
+    """Largest encoded image, in bytes (larger: RESOURCE_EXHAUSTED)."""
+    max_image_pixels: int = Field(default=40_000_000, ge=1)
+    """Largest decoded image, in pixels (larger: RESOURCE_EXHAUSTED)."""
+    max_batch_items: int = Field(default=256, ge=1)
+    """Most items in one CheckBatch (more: RESOURCE_EXHAUSTED)."""
+    grace_seconds: float = Field(default=10.0, ge=0)
+    """On SIGTERM, how long in-flight requests may finish, in seconds."""
+
+
+class Settings(BaseSettings):
+    """Everything the server needs."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="AXGUARD_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    attribution: AttributionSettings = Field(default_factory=AttributionSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Log level."""
+    log_json: bool | None = None
+    """JSON log lines; default: when stderr is not a terminal."""
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Return Settings from defaults, a YAML file, AXGUARD_* variables and `overrides`.
+
+    Later sources win: YAML < environment < overrides (the CLI). Nested overrides are given
+    as dicts, e.g. `model={"source": "torchvision:resnet34"}`, and merge into the rest.
+    """
+    yaml_file = Path(config_file) if config_file is not None else None
+    if yaml_file is not None and not yaml_file.is_file():
+        raise FileNotFoundError(f"config file {yaml_file} does not exist")
+
+    class _Loaded(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+            if yaml_file is not None:
+                sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
+            return tuple(sources)
+
+    return _Loaded(**overrides)

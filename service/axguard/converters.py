@@ -1,0 +1,190 @@
+"""Converters between axguard.v1 messages and engine types, one symmetric pair per message."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import attribution
+from .engine import CheckItem, CheckResult, MethodScore, StageTiming, Verdict
+from .errors import InputTooLarge, InvalidInput
+from .model import ModelBundle
+from .preprocess import decode_image, tensor_from_bytes, tensor_to_bytes
+from .v1 import confidence_pb2 as pb
+
+AX_PROCESS_BY_VALUE = {pb.AX_PROCESS_SUM: "sum", pb.AX_PROCESS_PRODUCT: "product"}
+AX_PROCESS_VALUE = {name: value for value, name in AX_PROCESS_BY_VALUE.items()}
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """Size limits applied while decoding a request."""
+
+    max_image_bytes: int
+    max_image_pixels: int
+
+
+def tensor_to_proto(tensor: torch.Tensor) -> pb.Tensor:
+    """Return a Tensor message (little-endian float32) for a tensor."""
+    shape, data = tensor_to_bytes(tensor)
+    return pb.Tensor(shape=shape, data=data)
+
+
+def tensor_from_proto(message: pb.Tensor) -> torch.Tensor:
+    """Return the tensor in a Tensor message, without range checks (for responses)."""
+    import numpy as np
+
+    shape = [int(s) for s in message.shape]
+    values = np.frombuffer(message.data, dtype="<f4").reshape(shape)
+    return torch.from_numpy(values.astype(np.float32))
+
+
+def method_names(values: list[int], field: str) -> tuple[str, ...]:
+    """Return method names for AttributionMethod values; UNSPECIFIED is refused."""
+    names = []
+    for value in values:
+        if value == pb.ATTRIBUTION_METHOD_UNSPECIFIED:
+            raise InvalidInput("ATTRIBUTION_METHOD_UNSPECIFIED is not a method; leave the "
+                               "list empty for the defaults", field=field)
+        try:
+            names.append(attribution.method_by_proto_value(value).name)
+        except InvalidInput as err:
+            raise InvalidInput(str(err), field=field) from None
+    return tuple(names)
+
+
+def method_value(name: str) -> int:
+    """Return the AttributionMethod value of a method name."""
+    return attribution.get_method(name).proto_value
+
+
+def process_names(values: list[int], field: str) -> tuple[str, ...]:
+    """Return AX process names for AxProcess values; UNSPECIFIED and unknowns are refused."""
+    names = []
+    for value in values:
+        if value not in AX_PROCESS_BY_VALUE:
+            raise InvalidInput(f"unknown AX process value {value}", field=field)
+        names.append(AX_PROCESS_BY_VALUE[value])
+    return tuple(names)
+
+
+def request_to_item(
+    request: pb.CheckRequest, bundle: ModelBundle, limits: InputLimits, prefix: str = ""
+) -> CheckItem:
+    """Return the engine item for a CheckRequest, decoding and validating its image.
+
+    `prefix` is put before field names in errors (e.g. "requests[3].").
+    """
+    image = request.image
+    source = image.WhichOneof("source")
+    if source is None:
+        raise InvalidInput("is missing: set image.encoded or image.tensor",
+                           field=f"{prefix}image")
+    if source == "encoded":
+        if len(image.encoded) > limits.max_image_bytes:
+            raise InputTooLarge(
+                f"has {len(image.encoded)} bytes, limit {limits.max_image_bytes}",
+                field=f"{prefix}image.encoded",
+            )
+        pixels = decode_image(image.encoded, bundle.spec, max_pixels=limits.max_image_pixels,
+                              field=f"{prefix}image.encoded")
+    else:
+        pixels = tensor_from_bytes(list(image.tensor.shape), image.tensor.data, bundle.spec,
+                                   field=f"{prefix}image.tensor")
+    return CheckItem(
+        image=pixels,
+        methods=method_names(list(request.methods), f"{prefix}methods"),
+        ax_processes=process_names(list(request.ax_processes), f"{prefix}ax_processes"),
+        label=request.label if request.HasField("label") else None,
+        return_heatmaps=request.return_heatmaps,
+    )
+
+
+def item_to_request(item: CheckItem, request_id: str = "") -> pb.CheckRequest:
+    """Return a CheckRequest carrying the item's image as a tensor (inverse of request_to_item)."""
+    request = pb.CheckRequest(
+        request_id=request_id,
+        image=pb.Image(tensor=tensor_to_proto(item.image)),
+        methods=[method_value(m) for m in item.methods],
+        ax_processes=[AX_PROCESS_VALUE[p] for p in item.ax_processes],
+        return_heatmaps=item.return_heatmaps,
+    )
+    if item.label is not None:
+        request.label = item.label
+    return request
+
+
+def result_to_response(
+    result: CheckResult, request_id: str, *, decode_ms: float = 0.0, total_ms: float = 0.0
+) -> pb.CheckResponse:
+    """Return the CheckResponse for an engine result."""
+    scores = []
+    for s in result.scores:
+        score = pb.CoScore(method=method_value(s.method), ax_process=AX_PROCESS_VALUE[s.ax_process],
+                           score=s.score, zero_heatmap=s.zero_heatmap)
+        if s.labelled_score is not None:
+            score.labelled_score = s.labelled_score
+        scores.append(score)
+    v = result.verdict
+    return pb.CheckResponse(
+        request_id=request_id,
+        prediction=pb.Prediction(
+            class_index=result.class_index, class_name=result.class_name,
+            probability=result.probability, logits=result.logits,
+            probabilities=result.probabilities,
+        ),
+        co_scores=scores,
+        verdict=pb.Verdict(calibrated=v.calibrated, likely_wrong=v.likely_wrong, risk=v.risk,
+                           threshold=v.threshold, calibration_id=v.calibration_id),
+        heatmaps={name: tensor_to_proto(h) for name, h in result.heatmaps.items()},
+        timing=pb.Timing(
+            decode_ms=decode_ms, forward_ms=result.timing.forward_ms,
+            attribution_ms=result.timing.attribution_ms, ax_ms=result.timing.ax_ms,
+            total_ms=total_ms,
+        ),
+    )
+
+
+def response_to_result(response: pb.CheckResponse) -> CheckResult:
+    """Return the engine result a CheckResponse carries (inverse of result_to_response)."""
+    p = response.prediction
+    v = response.verdict
+    return CheckResult(
+        class_index=p.class_index,
+        class_name=p.class_name,
+        probability=p.probability,
+        logits=list(p.logits),
+        probabilities=list(p.probabilities),
+        scores=[
+            MethodScore(
+                method=attribution.method_by_proto_value(s.method).name,
+                ax_process=AX_PROCESS_BY_VALUE[s.ax_process],
+                score=s.score,
+                labelled_score=s.labelled_score if s.HasField("labelled_score") else None,
+                zero_heatmap=s.zero_heatmap,
+            )
+            for s in response.co_scores
+        ],
+        heatmaps={name: tensor_from_proto(t) for name, t in response.heatmaps.items()},
+        verdict=Verdict(v.calibrated, v.likely_wrong, v.risk, v.threshold, v.calibration_id),
+        timing=StageTiming(response.timing.forward_ms, response.timing.attribution_ms,
+                           response.timing.ax_ms),
+    )
+
+
+def model_info(bundle: ModelBundle, default_methods: tuple[str, ...]) -> pb.ModelInfo:
+    """Return the ModelInfo message of a bundle."""
+    return pb.ModelInfo(
+        name=bundle.name,
+        version=bundle.version,
+        fingerprint=bundle.fingerprint,
+        class_names=bundle.class_names,
+        input_shape=list(bundle.spec.shape),
+        mean=list(bundle.spec.mean),
+        std=list(bundle.spec.std),
+        available_methods=[m.proto_value for m in attribution.available_methods(bundle)],
+        default_methods=[method_value(m) for m in default_methods],
+        torchscript=bundle.torchscript,
+        device=str(bundle.device),
+    )

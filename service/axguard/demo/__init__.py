@@ -1,0 +1,1 @@
+"""The bundled demo model: a small CNN on scikit-learn's handwritten digits."""

@@ -1,0 +1,263 @@
+"""The engine: a batch of images in, predictions and CO scores out. Knows nothing of gRPC.
+
+Per batch: one forward of x; per method one attribution call for the images that asked for
+it (target = the predicted class); the heatmaps are normalised by their global max|h|; then
+every AX input (for every method and AX process) goes through one batched forward, and the
+CO score (paper eq. 5) is computed label-free (κ from ŷ) and, where a label was given, with
+the paper's labelled κ.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from . import attribution, scoring
+from .errors import ConfigError, InvalidInput
+from .model import ModelBundle
+
+log = logging.getLogger(__name__)
+
+AX_PROCESS_NAMES = tuple(scoring.AX_PROCESSES)
+DEFAULT_AX_PROCESSES = ("sum",)
+
+
+@dataclass
+class CheckItem:
+    """One image to check. `image` is (C, H, W) float32 in [0, 1] at the model's input size."""
+
+    image: torch.Tensor
+    methods: Sequence[str] = ()
+    """Attribution method names; empty = the engine's defaults."""
+    ax_processes: Sequence[str] = ()
+    """"sum" and/or "product"; empty = sum."""
+    label: int | None = None
+    """True class, when known: adds the paper's labelled CO score."""
+    return_heatmaps: bool = False
+
+
+@dataclass
+class MethodScore:
+    """The CO score of one method and AX process for one image."""
+
+    method: str
+    ax_process: str
+    score: float
+    """Label-free: κ from the predicted class."""
+    labelled_score: float | None
+    """The paper's: κ from the given label; None without a label."""
+    zero_heatmap: bool
+
+
+@dataclass
+class Verdict:
+    """The calibrated "likely wrong" flag; `calibrated` is False without a calibration."""
+
+    calibrated: bool = False
+    likely_wrong: bool = False
+    risk: float = 0.0
+    threshold: float = 0.0
+    calibration_id: str = ""
+
+
+@dataclass
+class StageTiming:
+    """Milliseconds spent on each stage of the batch an item ran in."""
+
+    forward_ms: float = 0.0
+    attribution_ms: float = 0.0
+    ax_ms: float = 0.0
+
+
+@dataclass
+class CheckResult:
+    """The engine's answer for one image."""
+
+    class_index: int
+    class_name: str
+    probability: float
+    logits: list[float]
+    probabilities: list[float]
+    scores: list[MethodScore]
+    heatmaps: dict[str, torch.Tensor] = field(default_factory=dict)
+    verdict: Verdict = field(default_factory=Verdict)
+    timing: StageTiming = field(default_factory=StageTiming)
+
+
+class Engine:
+    """Runs confidence checks on one model bundle; safe to call from many threads.
+
+    All passes through the model run under one lock: hook-based attribution methods
+    change the model's modules while they run (see attribution.py).
+    """
+
+    def __init__(self, bundle: ModelBundle, default_methods: Sequence[str] = attribution.DEFAULT_METHODS):
+        self.bundle = bundle
+        self.available = [m.name for m in attribution.available_methods(bundle)]
+        for name in default_methods:
+            spec = attribution.get_method(name)
+            try:
+                attribution.check_available(spec, bundle)
+            except InvalidInput as err:
+                raise ConfigError(err.args[0], field="attribution.default_methods") from err
+        if not default_methods:
+            raise ConfigError("at least one default method is needed",
+                              field="attribution.default_methods")
+        self.default_methods = tuple(default_methods)
+        self._heatmap_fns: dict[str, attribution.HeatmapFn] = {}
+        self._lock = threading.Lock()
+        self.ready = False
+        # Build the default methods now so configuration errors surface at start-up.
+        for name in self.default_methods:
+            self._heatmap_fn(name)
+
+    def _heatmap_fn(self, name: str) -> attribution.HeatmapFn:
+        if name not in self._heatmap_fns:
+            spec = attribution.get_method(name)
+            attribution.check_available(spec, self.bundle)
+            self._heatmap_fns[name] = spec.build(self.bundle)
+        return self._heatmap_fns[name]
+
+    def resolve(self, item: CheckItem) -> CheckItem:
+        """Return the item with defaults filled in and every option validated.
+
+        Raises InvalidInput naming the field: image shape or values, unknown or unavailable
+        method, unknown AX process, label out of range.
+        """
+        spec = self.bundle.spec
+        image = item.image
+        if tuple(image.shape) != spec.shape:
+            raise InvalidInput(f"shape {list(image.shape)} must be {list(spec.shape)}",
+                               field="image")
+        if not torch.isfinite(image).all():
+            raise InvalidInput("contains NaN or Inf", field="image")
+        methods = tuple(dict.fromkeys(item.methods)) or self.default_methods
+        for name in methods:
+            attribution.check_available(attribution.get_method(name), self.bundle)
+        processes = tuple(dict.fromkeys(item.ax_processes)) or DEFAULT_AX_PROCESSES
+        for process in processes:
+            if process not in scoring.AX_PROCESSES:
+                raise InvalidInput(
+                    f"unknown AX process {process!r}; valid: {', '.join(AX_PROCESS_NAMES)}",
+                    field="ax_processes",
+                )
+        if item.label is not None and not 0 <= item.label < self.bundle.num_classes:
+            raise InvalidInput(
+                f"{item.label} is out of range [0, {self.bundle.num_classes - 1}]",
+                field="label",
+            )
+        return CheckItem(image, methods, processes, item.label, item.return_heatmaps)
+
+    def check(self, items: Sequence[CheckItem]) -> list[CheckResult]:
+        """Return one CheckResult per item, in order. Items are validated first (resolve)."""
+        if not items:
+            return []
+        resolved = [self.resolve(item) for item in items]
+        with self._lock:
+            return self._check_locked(resolved)
+
+    def _check_locked(self, items: list[CheckItem]) -> list[CheckResult]:
+        bundle = self.bundle
+        x = torch.stack([item.image for item in items]).to(bundle.device, torch.float32)
+        count = len(items)
+
+        start = time.perf_counter()
+        with torch.inference_mode():
+            logits = bundle.network(x).float()
+        predicted = logits.argmax(dim=1)
+        probabilities = torch.softmax(logits, dim=1)
+        after_forward = time.perf_counter()
+
+        # One attribution call per method, for the images that asked for it.
+        heatmaps: dict[str, tuple[list[int], torch.Tensor, torch.Tensor]] = {}
+        for name in dict.fromkeys(m for item in items for m in item.methods):
+            rows = [i for i, item in enumerate(items) if name in item.methods]
+            index = torch.tensor(rows, device=x.device)
+            with torch.enable_grad():
+                raw = self._heatmap_fn(name)(x[index], predicted[index])
+            normalised, zero = scoring.normalise_heatmaps(raw.float())
+            heatmaps[name] = (rows, normalised, zero)
+            if zero.any():
+                log.warning("zero_heatmap", extra={"method": name, "count": int(zero.sum())})
+        after_attribution = time.perf_counter()
+
+        # Every AX input of every (method, process) pair in one batched forward.
+        pairs: list[tuple[str, str, list[int], torch.Tensor]] = []
+        ax_inputs = []
+        for name, (rows, normalised, zero) in heatmaps.items():
+            processes = dict.fromkeys(p for i in rows for p in items[i].ax_processes)
+            for process in processes:
+                keep = [k for k, i in enumerate(rows) if process in items[i].ax_processes]
+                sub_rows = [rows[k] for k in keep]
+                ax = scoring.AX_PROCESSES[process](x[sub_rows], normalised[keep])
+                pairs.append((name, process, sub_rows, zero[keep]))
+                ax_inputs.append(ax)
+        with torch.inference_mode():
+            ax_logits = bundle.network(torch.cat(ax_inputs)).float()
+
+        scores: list[list[MethodScore]] = [[] for _ in range(count)]
+        offset = 0
+        labels = [item.label for item in items]
+        for name, process, rows, zero in pairs:
+            chunk = ax_logits[offset : offset + len(rows)]
+            offset += len(rows)
+            base = logits[rows]
+            free = scoring.co_score(chunk, base, scoring.kappa(predicted[rows], bundle.num_classes))
+            # An all-zero heatmap scores 0 by definition (DESIGN 1.3), even for PRODUCT.
+            free = torch.where(zero, torch.zeros_like(free), free)
+            labelled: torch.Tensor | None = None
+            if any(labels[i] is not None for i in rows):
+                targets = torch.tensor(
+                    [labels[i] if labels[i] is not None else 0 for i in rows], device=x.device
+                )
+                labelled = scoring.co_score(chunk, base, scoring.kappa(targets, bundle.num_classes))
+                labelled = torch.where(zero, torch.zeros_like(labelled), labelled)
+            for k, i in enumerate(rows):
+                scores[i].append(MethodScore(
+                    method=name,
+                    ax_process=process,
+                    score=float(free[k]),
+                    labelled_score=(
+                        float(labelled[k]) if labelled is not None and labels[i] is not None
+                        else None
+                    ),
+                    zero_heatmap=bool(zero[k]),
+                ))
+        end = time.perf_counter()
+
+        timing = StageTiming(
+            forward_ms=(after_forward - start) * 1e3,
+            attribution_ms=(after_attribution - after_forward) * 1e3,
+            ax_ms=(end - after_attribution) * 1e3,
+        )
+        results = []
+        logits_cpu, probs_cpu, pred_cpu = logits.cpu(), probabilities.cpu(), predicted.cpu()
+        for i, item in enumerate(items):
+            cls = int(pred_cpu[i])
+            maps = {}
+            if item.return_heatmaps:
+                for name, (rows, normalised, _zero) in heatmaps.items():
+                    if i in rows:
+                        maps[name] = normalised[rows.index(i)].cpu()
+            results.append(CheckResult(
+                class_index=cls,
+                class_name=bundle.class_names[cls],
+                probability=float(probs_cpu[i, cls]),
+                logits=logits_cpu[i].tolist(),
+                probabilities=probs_cpu[i].tolist(),
+                scores=scores[i],
+                heatmaps=maps,
+                timing=timing,
+            ))
+        return results
+
+    def warm_up(self) -> None:
+        """Run one check with the default methods on a mid-grey image, then mark ready."""
+        image = torch.full(self.bundle.spec.shape, 0.5)
+        self.check([CheckItem(image)])
+        self.ready = True

@@ -1,0 +1,52 @@
+"""Errors of the engine, free of any transport.
+
+    AxguardError
+    ├── InvalidInput        the caller sent something unusable (names the field)
+    ├── InputTooLarge       the input exceeds a configured limit
+    ├── UnknownMethod       an attribution method that does not exist or this model lacks
+    ├── NotReady            the model is not loaded or warmed up yet
+    ├── ConfigError         the server's own configuration is wrong (start-up only)
+    └── ModelLoadError      the model or its weights could not be loaded (start-up only)
+
+Only the gRPC layer maps them to status codes (service/axguard/server.py, one table).
+"""
+
+from __future__ import annotations
+
+
+class AxguardError(Exception):
+    """Base of every error axguard raises on purpose; `field` names the culprit if any."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+    @property
+    def message(self) -> str:
+        """The message, prefixed with the field it concerns."""
+        text = str(self)
+        return f"{self.field}: {text}" if self.field else text
+
+
+class InvalidInput(AxguardError):
+    """The request holds a value the engine cannot use."""
+
+
+class InputTooLarge(AxguardError):
+    """The request exceeds a size limit (bytes, pixels or items)."""
+
+
+class UnknownMethod(InvalidInput):
+    """An attribution method that is unknown, or unavailable for this model."""
+
+
+class NotReady(AxguardError):
+    """The engine cannot answer yet."""
+
+
+class ConfigError(AxguardError):
+    """The server's configuration is inconsistent."""
+
+
+class ModelLoadError(AxguardError):
+    """The model, its weights or its class names could not be loaded."""

@@ -1,0 +1,137 @@
+"""Images and tensors to the model's input: (C, H, W) float32 in [0, 1].
+
+One path for training, calibration and serving: `image_to_tensor` takes a PIL image of any
+mode and size. Transparent pixels are composited onto black (the demo digits are light
+ink on a dark ground); palette images are expanded first; grayscale becomes 3 channels by
+stacking when the model wants 3; colour becomes one channel by luminance (ITU-R 601-2)
+when the model wants 1. The image is then resized to the input size (bilinear, with
+antialiasing; aspect ratio is not kept).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .errors import InputTooLarge, InvalidInput
+from .model import InputSpec
+
+ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
+
+
+def _flatten_alpha(image: Image.Image) -> Image.Image:
+    """Return an image without alpha: transparent areas become black."""
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        ground = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(ground, rgba).convert("RGB")
+    return image
+
+
+def _to_unit_array(image: Image.Image) -> np.ndarray:
+    """Return (H, W, K) float32 in [0, 1] for any PIL mode (8-bit, 16-bit, 32-bit int/float)."""
+    image = _flatten_alpha(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        return (np.asarray(image, dtype=np.float32) / 65535.0)[..., None]
+    if image.mode == "I":
+        arr = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        return np.clip(arr / top, 0, 1).astype(np.float32)[..., None]
+    if image.mode == "F":
+        return np.clip(np.asarray(image, dtype=np.float32), 0, 1)[..., None]
+    if image.mode not in ("L", "RGB"):
+        image = image.convert("RGB")
+    arr = np.asarray(image, dtype=np.float32) / 255.0
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def image_to_tensor(image: Image.Image, spec: InputSpec) -> torch.Tensor:
+    """Return the model input for a PIL image: (C, H, W) float32 in [0, 1]."""
+    arr = _to_unit_array(image)
+    tensor = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+    if tensor.shape[0] == 1 and spec.channels == 3:
+        tensor = tensor.expand(3, -1, -1)
+    elif tensor.shape[0] == 3 and spec.channels == 1:
+        weights = torch.tensor([0.299, 0.587, 0.114]).reshape(3, 1, 1)
+        tensor = (tensor * weights).sum(dim=0, keepdim=True)
+    if tuple(tensor.shape[1:]) != (spec.height, spec.width):
+        tensor = torch.nn.functional.interpolate(
+            tensor[None], size=(spec.height, spec.width), mode="bilinear",
+            align_corners=False, antialias=True,
+        )[0]
+    return tensor.clamp(0.0, 1.0).contiguous()
+
+
+def decode_image(
+    data: bytes, spec: InputSpec, *, max_pixels: int, field: str = "image.encoded"
+) -> torch.Tensor:
+    """Return the model input for encoded PNG/JPEG/BMP/TIFF bytes.
+
+    Raises InvalidInput (naming `field`) for empty, corrupt or unsupported data, and
+    InputTooLarge for images with more than `max_pixels` pixels.
+    """
+    if not data:
+        raise InvalidInput("is empty", field=field)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+            if image.width * image.height > max_pixels:
+                raise InputTooLarge(
+                    f"image has {image.width}x{image.height} pixels, limit {max_pixels}",
+                    field=field,
+                )
+            image.load()
+    except InputTooLarge:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise InputTooLarge(str(err), field=field) from err
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise InvalidInput(
+            f"cannot decode as {'/'.join(ACCEPTED_FORMATS)}: {err}", field=field
+        ) from err
+    try:
+        return image_to_tensor(image, spec)
+    except (OSError, ValueError) as err:
+        raise InvalidInput(f"unsupported image mode {image.mode}: {err}", field=field) from err
+
+
+def tensor_from_bytes(
+    shape: list[int] | tuple[int, ...], data: bytes, spec: InputSpec, *, field: str = "image.tensor"
+) -> torch.Tensor:
+    """Return a validated (C, H, W) float32 tensor from little-endian float32 bytes.
+
+    The shape must equal the model's input shape; values must be finite and in [0, 1].
+    """
+    shape = tuple(int(s) for s in shape)
+    if shape != spec.shape:
+        raise InvalidInput(f"shape {list(shape)} must be {list(spec.shape)}",
+                           field=f"{field}.shape")
+    expected = 4 * math.prod(shape)
+    if len(data) != expected:
+        raise InvalidInput(
+            f"has {len(data)} bytes, expected {expected} (float32 x {list(shape)})",
+            field=f"{field}.data",
+        )
+    values = np.frombuffer(data, dtype="<f4").reshape(shape)
+    if not np.isfinite(values).all():
+        raise InvalidInput("contains NaN or Inf", field=f"{field}.data")
+    if values.min() < 0.0 or values.max() > 1.0:
+        raise InvalidInput(
+            f"values must lie in [0, 1], found [{values.min():.4g}, {values.max():.4g}]",
+            field=f"{field}.data",
+        )
+    return torch.from_numpy(values.astype(np.float32))
+
+
+def tensor_to_bytes(tensor: torch.Tensor) -> tuple[list[int], bytes]:
+    """Return (shape, little-endian float32 bytes) of a tensor; inverse of tensor_from_bytes."""
+    arr = tensor.detach().cpu().to(torch.float32).contiguous().numpy().astype("<f4")
+    return list(arr.shape), arr.tobytes()

@@ -1,0 +1,204 @@
+"""The gRPC server: thin servicers over the engine, health, reflection, lifecycle.
+
+Every RPC goes through `rpc_method`, which maps engine errors to status codes by one table
+and turns anything unexpected into INTERNAL with a generic message (the detail goes to the
+log with the request id).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent import futures
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .config import Settings
+from .converters import InputLimits, model_info, request_to_item, result_to_response
+from .engine import Engine
+from .errors import (
+    AxguardError,
+    ConfigError,
+    InputTooLarge,
+    InvalidInput,
+    ModelLoadError,
+    NotReady,
+)
+from .v1 import confidence_pb2 as pb
+from .v1 import confidence_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ConfidenceService"].full_name
+
+# Engine error → gRPC status. The most specific class wins (checked in MRO order).
+STATUS_BY_ERROR: dict[type[AxguardError], grpc.StatusCode] = {
+    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    InputTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    NotReady: grpc.StatusCode.UNAVAILABLE,
+    ConfigError: grpc.StatusCode.INTERNAL,
+    ModelLoadError: grpc.StatusCode.INTERNAL,
+    AxguardError: grpc.StatusCode.INTERNAL,
+}
+
+
+def status_for(error: AxguardError) -> grpc.StatusCode:
+    """Return the status code of an engine error."""
+    for cls in type(error).__mro__:
+        if cls in STATUS_BY_ERROR:
+            return STATUS_BY_ERROR[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def rpc_method(func: F) -> F:
+    """Wrap a servicer method: request id, error → status mapping, no stack trace to clients."""
+
+    @functools.wraps(func)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        request_id = getattr(request, "request_id", "") or uuid.uuid4().hex
+        code: grpc.StatusCode | None = None
+        message = ""
+        try:
+            return func(self, request, context, request_id)
+        except AxguardError as err:
+            code, message = status_for(err), err.message
+            log.info("rpc_rejected", extra={"rpc": func.__name__, "request_id": request_id,
+                                            "code": code.name, "reason": message})
+        except Exception:
+            code, message = grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})"
+            log.exception("rpc_failed", extra={"rpc": func.__name__, "request_id": request_id})
+        context.abort(code, message)
+
+    wrapper.__axguard_rpc__ = True  # type: ignore[attr-defined]
+    return wrapper  # type: ignore[return-value]
+
+
+class ConfidenceServicer(pb_grpc.ConfidenceServiceServicer):
+    """axguard.v1.ConfidenceService: validate → convert → engine → convert back."""
+
+    def __init__(self, engine: Engine, settings: Settings) -> None:
+        self.engine = engine
+        self.limits = InputLimits(settings.server.max_image_bytes,
+                                  settings.server.max_image_pixels)
+        self.max_batch_items = settings.server.max_batch_items
+
+    def _ensure_ready(self) -> None:
+        if not self.engine.ready:
+            raise NotReady("the model is still warming up")
+
+    @rpc_method
+    def Check(self, request: pb.CheckRequest, context: grpc.ServicerContext,
+              request_id: str) -> pb.CheckResponse:
+        start = time.perf_counter()
+        self._ensure_ready()
+        item = request_to_item(request, self.engine.bundle, self.limits)
+        decoded = time.perf_counter()
+        result = self.engine.check([item])[0]
+        return result_to_response(result, request_id, decode_ms=(decoded - start) * 1e3,
+                                  total_ms=(time.perf_counter() - start) * 1e3)
+
+    @rpc_method
+    def CheckBatch(self, request: pb.CheckBatchRequest, context: grpc.ServicerContext,
+                   request_id: str) -> pb.CheckBatchResponse:
+        start = time.perf_counter()
+        self._ensure_ready()
+        count = len(request.requests)
+        if count > self.max_batch_items:
+            raise InputTooLarge(f"has {count} items, limit {self.max_batch_items}",
+                                field="requests")
+        responses: list[pb.CheckResponse | None] = [None] * count
+        good: list[tuple[int, str, Any]] = []
+        for i, sub in enumerate(request.requests):
+            sub_id = sub.request_id or f"{request_id}-{i}"
+            try:
+                item = self.engine.resolve(
+                    request_to_item(sub, self.engine.bundle, self.limits, f"requests[{i}].")
+                )
+                good.append((i, sub_id, item))
+            except AxguardError as err:
+                responses[i] = pb.CheckResponse(
+                    request_id=sub_id,
+                    error=pb.ItemError(code=status_for(err).value[0], message=err.message),
+                )
+                log.info("batch_item_rejected", extra={"request_id": sub_id,
+                                                       "reason": err.message})
+        decoded = time.perf_counter()
+        results = self.engine.check([item for _, _, item in good])
+        total_ms = (time.perf_counter() - start) * 1e3
+        for (i, sub_id, _), result in zip(good, results, strict=True):
+            responses[i] = result_to_response(result, sub_id, decode_ms=(decoded - start) * 1e3,
+                                              total_ms=total_ms)
+        return pb.CheckBatchResponse(responses=responses)
+
+    @rpc_method
+    def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext,
+                     request_id: str) -> pb.ModelInfo:
+        return model_info(self.engine.bundle, self.engine.default_methods)
+
+
+def build_server(settings: Settings, engine: Engine) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """Return (server, bound port, health servicer); the server is not started yet.
+
+    Health starts NOT_SERVING; `start_serving` flips it after the warm-up.
+    """
+    limit = settings.server.max_message_bytes
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=settings.server.max_workers,
+                                   thread_name_prefix="axguard-rpc"),
+        options=[("grpc.max_receive_message_length", limit),
+                 ("grpc.max_send_message_length", limit)],
+    )
+    pb_grpc.add_ConfidenceServiceServicer_to_server(ConfidenceServicer(engine, settings), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME),
+        server,
+    )
+    address = f"{settings.server.host}:{settings.server.port}"
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise ConfigError(f"cannot bind {address}", field="server.port")
+    return server, port, health_servicer
+
+
+def start_serving(server: grpc.Server, engine: Engine, health_servicer: health.HealthServicer) -> None:
+    """Start the server, warm the engine up, then report SERVING."""
+    server.start()
+    engine.warm_up()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+def serve(settings: Settings) -> int:
+    """Run the server until SIGTERM or SIGINT; return the exit code."""
+    from .app import build_engine
+
+    engine = build_engine(settings)
+    server, port, health_servicer = build_server(settings, engine)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    start_serving(server, engine, health_servicer)
+    log.info("serving", extra={"address": f"{settings.server.host}:{port}",
+                               "model": engine.bundle.name})
+    stop.wait()
+    log.info("draining", extra={"grace_seconds": settings.server.grace_seconds})
+    health_servicer.enter_graceful_shutdown()
+    server.stop(settings.server.grace_seconds).wait()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,205 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class AttributionMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ATTRIBUTION_METHOD_UNSPECIFIED: _ClassVar[AttributionMethod]
+    ATTRIBUTION_METHOD_SALIENCY: _ClassVar[AttributionMethod]
+    ATTRIBUTION_METHOD_DECONVOLUTION: _ClassVar[AttributionMethod]
+    ATTRIBUTION_METHOD_INPUT_X_GRADIENT: _ClassVar[AttributionMethod]
+    ATTRIBUTION_METHOD_GUIDED_BACKPROP: _ClassVar[AttributionMethod]
+    ATTRIBUTION_METHOD_DEEP_LIFT: _ClassVar[AttributionMethod]
+    ATTRIBUTION_METHOD_LAYER_GRAD_CAM: _ClassVar[AttributionMethod]
+
+class AxProcess(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    AX_PROCESS_UNSPECIFIED: _ClassVar[AxProcess]
+    AX_PROCESS_SUM: _ClassVar[AxProcess]
+    AX_PROCESS_PRODUCT: _ClassVar[AxProcess]
+ATTRIBUTION_METHOD_UNSPECIFIED: AttributionMethod
+ATTRIBUTION_METHOD_SALIENCY: AttributionMethod
+ATTRIBUTION_METHOD_DECONVOLUTION: AttributionMethod
+ATTRIBUTION_METHOD_INPUT_X_GRADIENT: AttributionMethod
+ATTRIBUTION_METHOD_GUIDED_BACKPROP: AttributionMethod
+ATTRIBUTION_METHOD_DEEP_LIFT: AttributionMethod
+ATTRIBUTION_METHOD_LAYER_GRAD_CAM: AttributionMethod
+AX_PROCESS_UNSPECIFIED: AxProcess
+AX_PROCESS_SUM: AxProcess
+AX_PROCESS_PRODUCT: AxProcess
+
+class Tensor(_message.Message):
+    __slots__ = ("shape", "data")
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class Image(_message.Message):
+    __slots__ = ("encoded", "tensor")
+    ENCODED_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    encoded: bytes
+    tensor: Tensor
+    def __init__(self, encoded: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class CheckRequest(_message.Message):
+    __slots__ = ("request_id", "image", "methods", "ax_processes", "label", "return_heatmaps")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    METHODS_FIELD_NUMBER: _ClassVar[int]
+    AX_PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    RETURN_HEATMAPS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    image: Image
+    methods: _containers.RepeatedScalarFieldContainer[AttributionMethod]
+    ax_processes: _containers.RepeatedScalarFieldContainer[AxProcess]
+    label: int
+    return_heatmaps: bool
+    def __init__(self, request_id: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., methods: _Optional[_Iterable[_Union[AttributionMethod, str]]] = ..., ax_processes: _Optional[_Iterable[_Union[AxProcess, str]]] = ..., label: _Optional[int] = ..., return_heatmaps: _Optional[bool] = ...) -> None: ...
+
+class Prediction(_message.Message):
+    __slots__ = ("class_index", "class_name", "probability", "logits", "probabilities")
+    CLASS_INDEX_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    LOGITS_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    class_index: int
+    class_name: str
+    probability: float
+    logits: _containers.RepeatedScalarFieldContainer[float]
+    probabilities: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, class_index: _Optional[int] = ..., class_name: _Optional[str] = ..., probability: _Optional[float] = ..., logits: _Optional[_Iterable[float]] = ..., probabilities: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class CoScore(_message.Message):
+    __slots__ = ("method", "ax_process", "score", "labelled_score", "zero_heatmap")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    AX_PROCESS_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    LABELLED_SCORE_FIELD_NUMBER: _ClassVar[int]
+    ZERO_HEATMAP_FIELD_NUMBER: _ClassVar[int]
+    method: AttributionMethod
+    ax_process: AxProcess
+    score: float
+    labelled_score: float
+    zero_heatmap: bool
+    def __init__(self, method: _Optional[_Union[AttributionMethod, str]] = ..., ax_process: _Optional[_Union[AxProcess, str]] = ..., score: _Optional[float] = ..., labelled_score: _Optional[float] = ..., zero_heatmap: _Optional[bool] = ...) -> None: ...
+
+class Verdict(_message.Message):
+    __slots__ = ("calibrated", "likely_wrong", "risk", "threshold", "calibration_id")
+    CALIBRATED_FIELD_NUMBER: _ClassVar[int]
+    LIKELY_WRONG_FIELD_NUMBER: _ClassVar[int]
+    RISK_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    calibrated: bool
+    likely_wrong: bool
+    risk: float
+    threshold: float
+    calibration_id: str
+    def __init__(self, calibrated: _Optional[bool] = ..., likely_wrong: _Optional[bool] = ..., risk: _Optional[float] = ..., threshold: _Optional[float] = ..., calibration_id: _Optional[str] = ...) -> None: ...
+
+class Timing(_message.Message):
+    __slots__ = ("decode_ms", "forward_ms", "attribution_ms", "ax_ms", "total_ms")
+    DECODE_MS_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_MS_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTION_MS_FIELD_NUMBER: _ClassVar[int]
+    AX_MS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    decode_ms: float
+    forward_ms: float
+    attribution_ms: float
+    ax_ms: float
+    total_ms: float
+    def __init__(self, decode_ms: _Optional[float] = ..., forward_ms: _Optional[float] = ..., attribution_ms: _Optional[float] = ..., ax_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
+
+class ItemError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class CheckResponse(_message.Message):
+    __slots__ = ("request_id", "prediction", "co_scores", "verdict", "heatmaps", "timing", "error")
+    class HeatmapsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_FIELD_NUMBER: _ClassVar[int]
+    CO_SCORES_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    HEATMAPS_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    prediction: Prediction
+    co_scores: _containers.RepeatedCompositeFieldContainer[CoScore]
+    verdict: Verdict
+    heatmaps: _containers.MessageMap[str, Tensor]
+    timing: Timing
+    error: ItemError
+    def __init__(self, request_id: _Optional[str] = ..., prediction: _Optional[_Union[Prediction, _Mapping]] = ..., co_scores: _Optional[_Iterable[_Union[CoScore, _Mapping]]] = ..., verdict: _Optional[_Union[Verdict, _Mapping]] = ..., heatmaps: _Optional[_Mapping[str, Tensor]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., error: _Optional[_Union[ItemError, _Mapping]] = ...) -> None: ...
+
+class CheckBatchRequest(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[CheckRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[CheckRequest, _Mapping]]] = ...) -> None: ...
+
+class CheckBatchResponse(_message.Message):
+    __slots__ = ("responses",)
+    RESPONSES_FIELD_NUMBER: _ClassVar[int]
+    responses: _containers.RepeatedCompositeFieldContainer[CheckResponse]
+    def __init__(self, responses: _Optional[_Iterable[_Union[CheckResponse, _Mapping]]] = ...) -> None: ...
+
+class GetModelInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CalibrationSummary(_message.Message):
+    __slots__ = ("calibration_id",)
+    CALIBRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    calibration_id: str
+    def __init__(self, calibration_id: _Optional[str] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "version", "fingerprint", "class_names", "input_shape", "mean", "std", "available_methods", "default_methods", "calibration", "torchscript", "device")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    STD_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_METHODS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_METHODS_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_FIELD_NUMBER: _ClassVar[int]
+    TORCHSCRIPT_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    fingerprint: str
+    class_names: _containers.RepeatedScalarFieldContainer[str]
+    input_shape: _containers.RepeatedScalarFieldContainer[int]
+    mean: _containers.RepeatedScalarFieldContainer[float]
+    std: _containers.RepeatedScalarFieldContainer[float]
+    available_methods: _containers.RepeatedScalarFieldContainer[AttributionMethod]
+    default_methods: _containers.RepeatedScalarFieldContainer[AttributionMethod]
+    calibration: CalibrationSummary
+    torchscript: bool
+    device: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., fingerprint: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., available_methods: _Optional[_Iterable[_Union[AttributionMethod, str]]] = ..., default_methods: _Optional[_Iterable[_Union[AttributionMethod, str]]] = ..., calibration: _Optional[_Union[CalibrationSummary, _Mapping]] = ..., torchscript: _Optional[bool] = ..., device: _Optional[str] = ...) -> None: ...
