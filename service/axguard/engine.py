@@ -228,6 +228,10 @@ class Engine:
                     ),
                     zero_heatmap=bool(zero[k]),
                 ))
+        # Each item lists its scores in the order it asked for methods and processes.
+        for i, item in enumerate(items):
+            scores[i].sort(key=lambda s, it=item: (it.methods.index(s.method),
+                                                   it.ax_processes.index(s.ax_process)))
         end = time.perf_counter()
 
         timing = StageTiming(

@@ -10,6 +10,7 @@ import hashlib
 import importlib
 import inspect
 import logging
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -241,7 +242,10 @@ def load_bundle(
         if not is_torchscript_file(script_path):
             raise ModelLoadError(f"{script_path} is not a TorchScript archive",
                                  field="model.source")
-        network: nn.Module = torch.jit.load(str(script_path), map_location="cpu")
+        with warnings.catch_warnings():
+            # torch 2.14 deprecates TorchScript; loading still works and users still ship it.
+            warnings.simplefilter("ignore", FutureWarning)
+            network: nn.Module = torch.jit.load(str(script_path), map_location="cpu")
         fingerprint = sha256_file(script_path)
         default_name = script_path.stem
         torchscript = True

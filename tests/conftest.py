@@ -1,0 +1,72 @@
+"""Shared fixtures: the demo bundle, a real server on a free loopback port, a client."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from axguard.config import load_settings
+from axguard.demo.bundle import load_demo_bundle
+from axguard.engine import Engine
+from axguard.model import ModelBundle
+from axguard.server import build_server, start_serving
+from axguard_client import AxguardClient
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples" / "digits"
+
+
+@pytest.fixture(scope="session")
+def demo_bundle() -> ModelBundle:
+    return load_demo_bundle()
+
+
+@pytest.fixture(scope="session")
+def demo_engine(demo_bundle: ModelBundle) -> Engine:
+    engine = Engine(demo_bundle)
+    engine.warm_up()
+    return engine
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class RunningServer:
+    """A real axguard server on 127.0.0.1 with its port and engine."""
+
+    def __init__(self, engine: Engine, **server_overrides: object) -> None:
+        settings = load_settings(server={"host": "127.0.0.1", "port": 0, **server_overrides})
+        self.engine = engine
+        self.server, self.port, self.health = build_server(settings, engine)
+        start_serving(self.server, engine, self.health)
+        self.target = f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.stop(None).wait()
+
+
+@pytest.fixture(scope="module")
+def demo_server(demo_engine: Engine) -> Iterator[RunningServer]:
+    server = RunningServer(demo_engine)
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def client(demo_server: RunningServer) -> Iterator[AxguardClient]:
+    with AxguardClient(demo_server.target, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads() -> None:
+    # Two cores here: keep torch from oversubscribing when gRPC threads run in parallel.
+    torch.set_num_threads(2)
