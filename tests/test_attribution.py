@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 import torchvision
-from captum.attr import DeepLift, Deconvolution
+from captum.attr import Deconvolution, DeepLift
 from torch import nn
 
 from axguard import attribution

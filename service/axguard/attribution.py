@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 from captum.attr import (
-    DeepLift,
     Deconvolution,
+    DeepLift,
     GuidedBackprop,
     InputXGradient,
     LayerAttribution,
@@ -124,7 +124,8 @@ def first_conv_layer(network: nn.Module) -> str:
     for name, module in network.named_modules():
         if isinstance(module, nn.Conv2d):
             return name
-    raise ConfigError("the model has no Conv2d layer for Grad-CAM", field="attribution.grad_cam_layer")
+    raise ConfigError("the model has no Conv2d layer for Grad-CAM",
+                      field="attribution.grad_cam_layer")
 
 
 def _build_grad_cam(bundle: ModelBundle) -> HeatmapFn:

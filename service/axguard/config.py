@@ -18,6 +18,7 @@ from pydantic_settings import (
 )
 
 from .attribution import DEFAULT_METHODS, get_method
+from .errors import UnknownMethod
 
 
 class ModelSettings(BaseModel):
@@ -64,7 +65,10 @@ class AttributionSettings(BaseModel):
     @classmethod
     def _known(cls, value: list[str]) -> list[str]:
         for name in value:
-            get_method(name)
+            try:
+                get_method(name)
+            except UnknownMethod as err:
+                raise ValueError(str(err)) from None
         return value
 
 

@@ -96,7 +96,8 @@ class Engine:
     change the model's modules while they run (see attribution.py).
     """
 
-    def __init__(self, bundle: ModelBundle, default_methods: Sequence[str] = attribution.DEFAULT_METHODS):
+    def __init__(self, bundle: ModelBundle,
+                 default_methods: Sequence[str] = attribution.DEFAULT_METHODS) -> None:
         self.bundle = bundle
         self.available = [m.name for m in attribution.available_methods(bundle)]
         for name in default_methods:

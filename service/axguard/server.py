@@ -147,7 +147,9 @@ class ConfidenceServicer(pb_grpc.ConfidenceServiceServicer):
         return model_info(self.engine.bundle, self.engine.default_methods)
 
 
-def build_server(settings: Settings, engine: Engine) -> tuple[grpc.Server, int, health.HealthServicer]:
+def build_server(
+    settings: Settings, engine: Engine
+) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Return (server, bound port, health servicer); the server is not started yet.
 
     Health starts NOT_SERVING; `start_serving` flips it after the warm-up.
@@ -176,7 +178,9 @@ def build_server(settings: Settings, engine: Engine) -> tuple[grpc.Server, int, 
     return server, port, health_servicer
 
 
-def start_serving(server: grpc.Server, engine: Engine, health_servicer: health.HealthServicer) -> None:
+def start_serving(
+    server: grpc.Server, engine: Engine, health_servicer: health.HealthServicer
+) -> None:
     """Start the server, warm the engine up, then report SERVING."""
     server.start()
     engine.warm_up()

@@ -26,10 +26,11 @@ CLASS_NAMES = [str(d) for d in range(10)]
 
 @dataclass
 class DigitsSplit:
-    """One split: PIL images (8 x 8, mode L) and their labels."""
+    """One split: PIL images (8 x 8, mode L), their labels and their load_digits indices."""
 
     images: list[Image.Image]
     labels: np.ndarray
+    indices: np.ndarray
 
     def tensors(self, spec: InputSpec) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ((N, C, H, W) float32 in [0, 1], (N,) int64) through the serving path."""
@@ -56,7 +57,7 @@ def load_split(name: str) -> DigitsSplit:
     )
     chosen = {"train": train, "calibration": calibration, "test": test}[name]
     images = [digit_image(digits.images[i]) for i in chosen]
-    return DigitsSplit(images, digits.target[chosen].astype(np.int64))
+    return DigitsSplit(images, digits.target[chosen].astype(np.int64), np.asarray(chosen))
 
 
 def export_pngs(name: str, out_dir: Path, limit: int | None = None) -> list[Path]:

@@ -1,0 +1,256 @@
+"""Integration: the real server on a free loopback port, real gRPC calls, real PNGs."""
+
+from __future__ import annotations
+
+import inspect
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from torch import nn
+
+from axguard.converters import (
+    InputLimits,
+    item_to_request,
+    request_to_item,
+    response_to_result,
+    result_to_response,
+)
+from axguard.engine import CheckItem, Engine
+from axguard.model import InputSpec, ModelBundle, wrap_network
+from axguard.preprocess import decode_image
+from axguard.server import SERVICE_NAME, ConfidenceServicer
+from axguard.v1 import confidence_pb2 as pb
+from axguard.v1 import confidence_pb2_grpc as pb_grpc
+from axguard_client import AxguardClient, InvalidArgument, ResourceExhausted, ServerError
+from conftest import EXAMPLES, RunningServer
+
+DIGITS = sorted(EXAMPLES.glob("digit_*.png"))
+
+
+def test_check_on_every_example_digit_is_correct(client):
+    for path in DIGITS:
+        response = client.check(path, request_id=f"id-{path.stem}")
+        assert response.request_id == f"id-{path.stem}"
+        assert response.prediction.class_name == path.stem.split("_")[1]
+        assert [pb.AttributionMethod.Name(s.method) for s in response.co_scores] == [
+            "ATTRIBUTION_METHOD_SALIENCY", "ATTRIBUTION_METHOD_DECONVOLUTION"]
+        assert all(s.ax_process == pb.AX_PROCESS_SUM for s in response.co_scores)
+        assert all(not s.HasField("labelled_score") for s in response.co_scores)
+        assert not response.verdict.calibrated
+        assert len(response.prediction.logits) == 10
+        assert response.timing.total_ms >= response.timing.forward_ms > 0
+
+
+def test_check_over_grpc_equals_the_engine_offline(client, demo_engine):
+    path = DIGITS[4]
+    response = client.check(path, methods=["saliency", "deep_lift"], ax_processes=["sum",
+                            "product"], label=4, return_heatmaps=True)
+    image = decode_image(path.read_bytes(), demo_engine.bundle.spec, max_pixels=10**7)
+    offline = demo_engine.check([CheckItem(image, ["saliency", "deep_lift"], ["sum", "product"],
+                                           4, True)])[0]
+    got = response_to_result(response)
+    assert got.class_index == offline.class_index
+    for a, b in zip(got.scores, offline.scores, strict=True):
+        assert (a.method, a.ax_process) == (b.method, b.ax_process)
+        assert a.score == pytest.approx(b.score, rel=1e-5, abs=1e-5)
+        assert a.labelled_score == pytest.approx(b.labelled_score, rel=1e-5, abs=1e-5)
+    assert set(got.heatmaps) == {"saliency", "deep_lift"}
+    torch.testing.assert_close(got.heatmaps["saliency"], offline.heatmaps["saliency"])
+    assert got.heatmaps["saliency"].abs().max() == pytest.approx(1.0)
+
+
+def test_tensor_input_equals_encoded_input(client, demo_engine):
+    path = DIGITS[7]
+    image = decode_image(path.read_bytes(), demo_engine.bundle.spec, max_pixels=10**7)
+    by_tensor = client.check(item_to_request(CheckItem(image)))
+    by_png = client.check(path)
+    assert by_tensor.prediction.class_index == by_png.prediction.class_index
+    assert [s.score for s in by_tensor.co_scores] == pytest.approx(
+        [s.score for s in by_png.co_scores], rel=1e-5)
+
+
+def test_check_batch_keeps_order_and_isolates_bad_items(client):
+    good = [DIGITS[1].read_bytes(), DIGITS[2].read_bytes()]
+    responses = client.check_batch([good[0], b"garbage", good[1]])
+    assert len(responses) == 3
+    assert responses[0].prediction.class_name == "1"
+    assert responses[2].prediction.class_name == "2"
+    assert responses[1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "requests[1].image.encoded" in responses[1].error.message
+    assert not responses[0].HasField("error")
+
+
+def test_get_model_info(client, demo_engine):
+    info = client.model_info()
+    assert info.name == "digits-cnn"
+    assert info.fingerprint == demo_engine.bundle.fingerprint and len(info.fingerprint) == 64
+    assert list(info.class_names) == [str(d) for d in range(10)]
+    assert list(info.input_shape) == [3, 32, 32]
+    assert len(info.mean) == 3 and len(info.std) == 3
+    assert len(info.available_methods) == 6
+    assert list(info.default_methods) == [pb.ATTRIBUTION_METHOD_SALIENCY,
+                                          pb.ATTRIBUTION_METHOD_DECONVOLUTION]
+    assert not info.HasField("calibration")
+    assert info.device == "cpu"
+
+
+def test_health_is_serving(client, demo_server):
+    assert client.health() == "SERVING"
+    assert client.health(SERVICE_NAME) == "SERVING"
+
+
+def test_reflection_lists_the_services(demo_server):
+    with grpc.insecure_channel(demo_server.target) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        response = next(stub.ServerReflectionInfo(iter([request]), timeout=10))
+        names = {s.name for s in response.list_services_response.service}
+        assert {SERVICE_NAME, "grpc.health.v1.Health"} <= names
+        request = reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE_NAME)
+        response = next(stub.ServerReflectionInfo(iter([request]), timeout=10))
+        assert response.file_descriptor_response.file_descriptor_proto
+
+
+def tensor_request(values: np.ndarray, shape=None) -> pb.CheckRequest:
+    shape = list(values.shape) if shape is None else shape
+    return pb.CheckRequest(image=pb.Image(tensor=pb.Tensor(
+        shape=shape, data=values.astype("<f4").tobytes())))
+
+
+BAD_REQUESTS = [
+    ("corrupt bytes", pb.CheckRequest(image=pb.Image(encoded=b"\x89PNG broken")),
+     "image.encoded"),
+    ("empty request", pb.CheckRequest(), "image"),
+    ("wrong shape", tensor_request(np.zeros((3, 16, 16))), "image.tensor.shape"),
+    ("wrong byte length", tensor_request(np.zeros(7), shape=[3, 32, 32]), "image.tensor.data"),
+    ("NaN", tensor_request(np.full((3, 32, 32), np.nan)), "image.tensor.data"),
+    ("Inf", tensor_request(np.full((3, 32, 32), np.inf)), "image.tensor.data"),
+    ("out of range", tensor_request(np.full((3, 32, 32), 1.5)), "image.tensor.data"),
+    ("unknown method", pb.CheckRequest(image=pb.Image(encoded=b"x"), methods=[42]), "methods"),
+    ("unspecified method", pb.CheckRequest(image=pb.Image(encoded=b"x"), methods=[0]),
+     "methods"),
+    ("unknown AX process", pb.CheckRequest(image=pb.Image(encoded=b"x"), ax_processes=[9]),
+     "ax_processes"),
+    ("label out of range", pb.CheckRequest(image=pb.Image(tensor=pb.Tensor(
+        shape=[3, 32, 32], data=np.zeros((3, 32, 32), "<f4").tobytes())), label=10), "label"),
+]
+
+
+@pytest.mark.parametrize(("name", "request_", "field"), BAD_REQUESTS,
+                         ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_input_is_invalid_argument_naming_the_field_and_serving_goes_on(
+        client, name, request_, field):
+    if request_.image.WhichOneof("source") == "encoded" and request_.image.encoded == b"x":
+        request_.image.encoded = DIGITS[0].read_bytes()
+    with pytest.raises(InvalidArgument) as info:
+        client.check(request_)
+    assert info.value.details.startswith(f"{field}:"), info.value.details
+    assert "Traceback" not in info.value.details
+    assert client.check(DIGITS[3]).prediction.class_name == "3"
+
+
+def test_oversized_image_is_resource_exhausted(demo_engine):
+    server = RunningServer(demo_engine, max_image_bytes=1000)
+    try:
+        with AxguardClient(server.target, timeout=30) as c:
+            with pytest.raises(ResourceExhausted, match="image.encoded"):
+                c.check(np_png(64))
+            with pytest.raises(ResourceExhausted, match="requests"):
+                c.check_batch([DIGITS[0]] * 300)
+    finally:
+        server.stop()
+
+
+def np_png(size: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+class ExplodingNet(nn.Module):
+    """Raises on an all-white image: stands in for a bug inside the model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3 * 4 * 4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x > 0.99).all()):
+            raise RuntimeError("secret internal detail")
+        return self.fc(x.flatten(1))
+
+
+def test_unexpected_error_is_internal_without_detail_and_is_logged(caplog):
+    spec = InputSpec(3, 4, 4, (0.0,) * 3, (1.0,) * 3)
+    bundle = ModelBundle(wrap_network(ExplodingNet(), spec), spec, ["a", "b"], "boom", "1", "0")
+    server = RunningServer(Engine(bundle, default_methods=["saliency"]))
+    try:
+        with AxguardClient(server.target, timeout=30) as c:
+            white = np.ones((3, 4, 4), dtype="<f4")
+            request = pb.CheckRequest(request_id="req-77", image=pb.Image(
+                tensor=pb.Tensor(shape=[3, 4, 4], data=white.tobytes())))
+            with caplog.at_level("ERROR", logger="axguard"), pytest.raises(ServerError) as info:
+                c.check(request)
+            assert info.value.code == grpc.StatusCode.INTERNAL
+            assert "secret" not in info.value.details and "req-77" in info.value.details
+            assert any(getattr(r, "request_id", None) == "req-77" for r in caplog.records)
+            grey = np.full((3, 4, 4), 0.5, dtype="<f4")
+            request.image.tensor.data = grey.tobytes()
+            assert c.check(request).prediction.class_name in ("a", "b")
+    finally:
+        server.stop()
+
+
+def test_not_serving_until_warm(demo_bundle):
+    from axguard.config import load_settings
+    from axguard.server import build_server
+
+    engine = Engine(demo_bundle)
+    server, port, _health = build_server(load_settings(server={"port": 0}), engine)
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            status = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=10).status
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.RpcError) as info:
+                pb_grpc.ConfidenceServiceStub(channel).Check(
+                    pb.CheckRequest(image=pb.Image(encoded=DIGITS[0].read_bytes())), timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop(None).wait()
+
+
+def test_every_rpc_carries_the_error_decorator():
+    rpcs = pb.DESCRIPTOR.services_by_name["ConfidenceService"].methods_by_name
+    for name in rpcs:
+        method = getattr(ConfidenceServicer, name)
+        assert getattr(method, "__axguard_rpc__", False), name
+        assert name in inspect.getsource(ConfidenceServicer)
+
+
+def test_converters_round_trip(demo_engine):
+    image = torch.rand(3, 32, 32)
+    item = CheckItem(image, ("saliency", "layer_grad_cam"), ("product",), 7, True)
+    limits = InputLimits(10**6, 10**6)
+    back = request_to_item(item_to_request(item), demo_engine.bundle, limits)
+    torch.testing.assert_close(back.image, item.image)
+    assert (tuple(back.methods), tuple(back.ax_processes), back.label, back.return_heatmaps) == (
+        item.methods, item.ax_processes, item.label, item.return_heatmaps)
+    result = demo_engine.check([item])[0]
+    again = response_to_result(result_to_response(result, "r"))
+    assert again.class_index == result.class_index
+    assert again.probabilities == pytest.approx(result.probabilities, rel=1e-6)
+    assert [(s.method, s.ax_process, s.labelled_score is None) for s in again.scores] == [
+        (s.method, s.ax_process, s.labelled_score is None) for s in result.scores]
+    assert again.scores[0].score == pytest.approx(result.scores[0].score, rel=1e-6)
+    torch.testing.assert_close(again.heatmaps["saliency"], result.heatmaps["saliency"])
