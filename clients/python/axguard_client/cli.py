@@ -110,7 +110,9 @@ def run_info(args: argparse.Namespace) -> int:
         return 0
     print(f"model {info.name} version {info.version}")
     print(f"  fingerprint  {info.fingerprint}")
-    print(f"  input        {list(info.input_shape)} mean {list(info.mean)} std {list(info.std)}")
+    mean = [round(v, 4) for v in info.mean]
+    std = [round(v, 4) for v in info.std]
+    print(f"  input        {list(info.input_shape)} mean {mean} std {std}")
     print(f"  classes      {', '.join(info.class_names)}")
     print(f"  methods      {', '.join(method_name(m) for m in info.available_methods)}")
     print(f"  defaults     {', '.join(method_name(m) for m in info.default_methods)}")
