@@ -134,6 +134,7 @@ def test_zero_heatmap_scores_zero_not_nan(process):
     engine = Engine(constant_bundle())
     result = engine.check([CheckItem(torch.rand(3, 2, 2), ax_processes=[process], label=2)])[0]
     assert result.class_index == 1
+    assert engine.zero_heatmaps == {"saliency": 1, "deconvolution": 1}
     for score in result.scores:
         assert score.zero_heatmap
         assert score.score == 0.0

@@ -113,6 +113,8 @@ class Engine:
         self._heatmap_fns: dict[str, attribution.HeatmapFn] = {}
         self._lock = threading.Lock()
         self.ready = False
+        self.zero_heatmaps: dict[str, int] = {}
+        """All-zero heatmaps seen so far, by method (their scores were set to 0)."""
         # Build the default methods now so configuration errors surface at start-up.
         for name in self.default_methods:
             self._heatmap_fn(name)
@@ -184,7 +186,9 @@ class Engine:
             normalised, zero = scoring.normalise_heatmaps(raw.float())
             heatmaps[name] = (rows, normalised, zero)
             if zero.any():
-                log.warning("zero_heatmap", extra={"method": name, "count": int(zero.sum())})
+                count_zero = int(zero.sum())
+                self.zero_heatmaps[name] = self.zero_heatmaps.get(name, 0) + count_zero
+                log.warning("zero_heatmap", extra={"method": name, "count": count_zero})
         after_attribution = time.perf_counter()
 
         # Every AX input of every (method, process) pair in one batched forward.
