@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from axguard.calibration.artifact import CalibrationArtifact, load_artifact
 from axguard.config import load_settings
-from axguard.demo.bundle import load_demo_bundle
+from axguard.demo.bundle import ASSETS, load_demo_bundle
 from axguard.engine import Engine
 from axguard.model import ModelBundle
 from axguard.server import build_server, start_serving
@@ -27,8 +28,14 @@ def demo_bundle() -> ModelBundle:
 
 
 @pytest.fixture(scope="session")
-def demo_engine(demo_bundle: ModelBundle) -> Engine:
-    engine = Engine(demo_bundle)
+def demo_calibration() -> CalibrationArtifact:
+    """The demo model's bundled calibration, as `make serve` loads it."""
+    return load_artifact(ASSETS / "calibration.json")
+
+
+@pytest.fixture(scope="session")
+def demo_engine(demo_bundle: ModelBundle, demo_calibration: CalibrationArtifact) -> Engine:
+    engine = Engine(demo_bundle, calibration=demo_calibration)
     engine.warm_up()
     return engine
 

@@ -27,7 +27,7 @@ def test_check_prints_class_probability_and_both_co_scores(demo_server, capsys):
     assert code == 0
     assert "predicted '3' (class 3) with probability" in out
     assert "CO saliency/sum" in out and "CO deconvolution/sum" in out
-    assert "not calibrated" in out
+    assert "verdict: ok (risk" in out and "calibration cal-" in out
 
 
 def test_check_json(demo_server, capsys):
@@ -39,7 +39,8 @@ def test_check_json(demo_server, capsys):
     assert data["prediction"]["class_name"] == "5"
     assert len(data["co_scores"]) == 4
     assert all("labelled_score" in s for s in data["co_scores"])
-    assert data["verdict"]["calibrated"] is False
+    assert data["verdict"]["calibrated"] is True
+    assert data["verdict"]["likely_wrong"] is False
 
 
 def test_check_reports_bad_files_and_exits_non_zero(demo_server, capsys, tmp_path):

@@ -25,8 +25,14 @@ from axguard.preprocess import decode_image
 from axguard.server import SERVICE_NAME, ConfidenceServicer
 from axguard.v1 import confidence_pb2 as pb
 from axguard.v1 import confidence_pb2_grpc as pb_grpc
-from axguard_client import AxguardClient, InvalidArgument, ResourceExhausted, ServerError
-from conftest import EXAMPLES, RunningServer
+from axguard_client import (
+    AxguardClient,
+    InvalidArgument,
+    ResourceExhausted,
+    ServerError,
+    method_name,
+)
+from conftest import EXAMPLES, RunningServer, png_bytes
 
 DIGITS = sorted(EXAMPLES.glob("digit_*.png"))
 
@@ -40,7 +46,9 @@ def test_check_on_every_example_digit_is_correct(client):
             "ATTRIBUTION_METHOD_SALIENCY", "ATTRIBUTION_METHOD_DECONVOLUTION"]
         assert all(s.ax_process == pb.AX_PROCESS_SUM for s in response.co_scores)
         assert all(not s.HasField("labelled_score") for s in response.co_scores)
-        assert not response.verdict.calibrated
+        assert response.verdict.calibrated
+        assert not response.verdict.likely_wrong  # confidently right digits
+        assert response.verdict.calibration_id.startswith("cal-")
         assert len(response.prediction.logits) == 10
         assert response.timing.total_ms >= response.timing.forward_ms > 0
 
@@ -94,7 +102,13 @@ def test_get_model_info(client, demo_engine):
     assert len(info.available_methods) == 6
     assert list(info.default_methods) == [pb.ATTRIBUTION_METHOD_SALIENCY,
                                           pb.ATTRIBUTION_METHOD_DECONVOLUTION]
-    assert not info.HasField("calibration")
+    summary = info.calibration
+    assert summary.calibration_id == demo_engine.calibration.calibration_id
+    assert summary.mode == "false_alarm" and summary.target == pytest.approx(0.05)
+    assert summary.n_images == 359 and summary.n_errors == demo_engine.calibration.data.n_errors
+    assert summary.threshold == pytest.approx(demo_engine.calibration.threshold.value)
+    assert 0.5 < summary.auroc_msp <= 1 and 0.5 < summary.auroc_risk <= 1
+    assert list(summary.risk_features) == demo_engine.calibration.risk_model.features
     assert info.device == "cpu"
 
 
@@ -254,3 +268,38 @@ def test_converters_round_trip(demo_engine):
         (s.method, s.ax_process, s.labelled_score is None) for s in result.scores]
     assert again.scores[0].score == pytest.approx(result.scores[0].score, rel=1e-6)
     torch.testing.assert_close(again.heatmaps["saliency"], result.heatmaps["saliency"])
+
+
+def test_verdict_over_grpc_equals_the_offline_calibration_code(client, demo_engine):
+    """Round trip: the served verdict is what calibration's own functions compute."""
+    from axguard.calibration.flag import features_of, verdicts
+
+    artifact = demo_engine.calibration
+    for path in DIGITS[:4]:
+        response = client.check(path, methods=["saliency"])  # verdict needs deconvolution too
+        assert [method_name(s.method) for s in response.co_scores] == ["saliency"]
+        image = decode_image(path.read_bytes(), demo_engine.bundle.spec, max_pixels=10**7)
+        pairs = [(p.method, p.ax_process) for p in artifact.pairs]
+        offline = demo_engine.check([CheckItem(image, [m for m, _ in pairs])])[0]
+        co = {(s.method, s.ax_process): np.array([s.score]) for s in offline.scores}
+        risk, wrong = verdicts(artifact, features_of(np.array([offline.logits]), co))
+        assert response.verdict.risk == pytest.approx(float(risk[0]), rel=1e-5, abs=1e-7)
+        assert response.verdict.likely_wrong == bool(wrong[0])
+        assert response.verdict.threshold == pytest.approx(artifact.threshold.value)
+
+
+def test_the_least_confident_wrong_test_digit_is_flagged(client, demo_engine):
+    """A real mistake of the demo model, sent as a PNG, gets the flag."""
+    from axguard.demo.data import load_split
+
+    split = load_split("test")
+    x, y = split.tensors(demo_engine.bundle.spec)
+    with torch.no_grad():
+        probs = torch.softmax(demo_engine.bundle.network(x), dim=1)
+    wrong = (probs.argmax(dim=1) != y).nonzero().flatten()
+    assert len(wrong) > 0
+    hardest = int(wrong[probs[wrong].max(dim=1).values.argmin()])
+    response = client.check(png_bytes(split.images[hardest]))
+    assert response.prediction.class_index != int(y[hardest])
+    assert response.verdict.likely_wrong
+    assert response.verdict.risk > response.verdict.threshold

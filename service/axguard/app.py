@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
+from .calibration.artifact import load_artifact
 from .config import AttributionSettings, ModelSettings, Settings
 from .engine import Engine
 from .errors import ConfigError
@@ -35,10 +37,30 @@ def build_bundle(model: ModelSettings, attribution: AttributionSettings) -> Mode
     )
 
 
+def calibration_path(settings: Settings) -> Path | None:
+    """Return the calibration file to load: the configured one, or the demo's bundled one."""
+    value = settings.calibration
+    if value is not None:
+        return None if value.lower() == "none" else Path(value)
+    if settings.model.source == "demo":
+        from .demo.bundle import ASSETS
+
+        bundled = ASSETS / "calibration.json"
+        return bundled if bundled.exists() else None
+    return None
+
+
 def build_engine(settings: Settings) -> Engine:
-    """Return an engine for the configured model (not yet warmed up)."""
+    """Return an engine for the configured model and calibration (not yet warmed up)."""
     bundle = build_bundle(settings.model, settings.attribution)
-    engine = Engine(bundle, settings.attribution.default_methods)
+    path = calibration_path(settings)
+    calibration = load_artifact(path) if path is not None else None
+    engine = Engine(bundle, settings.attribution.default_methods, calibration)
+    if calibration is not None:
+        log.info("calibration_loaded", extra={
+            "calibration_id": calibration.calibration_id, "path": str(path),
+            "mode": calibration.threshold.mode, "target": calibration.threshold.target,
+            "threshold": calibration.threshold.value})
     log.info("model_loaded", extra={
         "model": bundle.name, "version": bundle.version, "fingerprint": bundle.fingerprint,
         "classes": bundle.num_classes, "input_shape": list(bundle.spec.shape),

@@ -7,20 +7,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from axguard_client.cli import add_client_commands
 
 
-def _serve_parser(subparsers: argparse._SubParsersAction) -> None:
-    serve = subparsers.add_parser(
-        "serve", help="serve a model over gRPC",
-        description="Serve a model. Flags override AXGUARD_* variables, which override "
-                    "the YAML config file.",
-    )
-    serve.add_argument("--config", type=Path, help="YAML settings file")
-    model = serve.add_argument_group("model")
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    """The options that pick and describe the model (shared by serve, calibrate, evaluate)."""
+    parser.add_argument("--config", type=Path, help="YAML settings file")
+    model = parser.add_argument_group("model")
     model.add_argument("--model", dest="model.source",
                        help="demo (default), torchvision:NAME, package.module:factory, "
                             "torchscript:PATH or a TorchScript file")
@@ -37,25 +34,91 @@ def _serve_parser(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument("--name", dest="model.name")
     model.add_argument("--model-version", dest="model.version")
     model.add_argument("--device", dest="model.device", help="cpu, cuda or cuda:N")
-    attr = serve.add_argument_group("attribution")
-    attr.add_argument("--methods", dest="attribution.default_methods",
-                      type=lambda v: [m.strip() for m in v.split(",") if m.strip()],
-                      help="comma-separated default methods (default saliency,deconvolution)")
+    attr = parser.add_argument_group("attribution")
     attr.add_argument("--grad-cam-layer", dest="attribution.grad_cam_layer")
+    parser.add_argument("--log-level", dest="log_level",
+                        choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
+def _split_methods(value: str) -> list[str]:
+    return [m.strip() for m in value.split(",") if m.strip()]
+
+
+def _serve_parser(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser(
+        "serve", help="serve a model over gRPC",
+        description="Serve a model. Flags override AXGUARD_* variables, which override "
+                    "the YAML config file.",
+    )
+    _model_args(serve)
+    serve.add_argument("--methods", dest="attribution.default_methods", type=_split_methods,
+                       help="comma-separated default methods (default saliency,deconvolution)")
+    serve.add_argument("--calibration", dest="calibration",
+                       help="calibration artifact (JSON); 'none' turns off the demo's bundled one")
     srv = serve.add_argument_group("server")
     srv.add_argument("--host", dest="server.host")
     srv.add_argument("--port", dest="server.port", type=int)
     srv.add_argument("--max-workers", dest="server.max_workers", type=int)
-    srv.add_argument("--log-level", dest="log_level",
-                     choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     serve.set_defaults(handler=run_serve)
+
+
+def _calibrate_parser(subparsers: argparse._SubParsersAction) -> None:
+    cal = subparsers.add_parser(
+        "calibrate", help="fit the likely-wrong flag on labelled images",
+        description="Run the model over labelled images and write a calibration artifact.")
+    _model_args(cal)
+    cal.add_argument("--data", required=True,
+                     help="DIR/<class name>/*.png|jpg, or builtin:digits (demo calibration split)")
+    cal.add_argument("--out", type=Path, required=True, help="artifact path (JSON)")
+    cal.add_argument("--methods", default="default",
+                     help="'default' (saliency,deconvolution with SUM), 'all' (six methods, "
+                          "SUM and PRODUCT) or method:process pairs, e.g. saliency:sum")
+    cal.add_argument("--false-alarm-rate", type=float, default=0.05, dest="beta",
+                     help="false-alarm mode: most share of correct predictions flagged "
+                          "(default 0.05)")
+    cal.add_argument("--target-error-recall", type=float, default=None, dest="recall",
+                     help="error-recall mode: least share of wrong predictions flagged")
+    cal.add_argument("--delta", type=float, default=0.05,
+                     help="the promise holds with probability >= 1 - delta (default 0.05)")
+    cal.add_argument("--fit-fraction", type=float, default=0.5,
+                     help="share of the data for fitting the risk model (default 0.5)")
+    cal.add_argument("--gax-percentile", type=float, default=95.0)
+    cal.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    cal.add_argument("--batch-size", type=int, default=64)
+    cal.add_argument("--seed", type=int, default=0)
+    cal.set_defaults(handler=run_calibrate)
+
+
+def _evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
+    ev = subparsers.add_parser(
+        "evaluate", help="check a calibration's promise on separate labelled images",
+        description="Exit 1 when the promise is broken beyond its binomial interval.")
+    _model_args(ev)
+    ev.add_argument("--data", required=True,
+                    help="DIR/<class name>/*.png|jpg, or builtin:digits-test")
+    ev.add_argument("--calibration", dest="calibration", required=True)
+    ev.add_argument("--out", type=Path, help="also write the evaluation as JSON here")
+    ev.add_argument("--bootstrap", type=int, default=1000)
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.set_defaults(handler=run_evaluate)
+
+
+def _report_parser(subparsers: argparse._SubParsersAction) -> None:
+    rep = subparsers.add_parser("report", help="figures and an HTML page from a calibration")
+    rep.add_argument("calibration", type=Path)
+    rep.add_argument("--out", type=Path, required=True, help="output folder")
+    rep.set_defaults(handler=run_report)
+
+
+COMMAND_OPTIONS = {"handler", "command", "config", "data", "out", "methods", "beta", "recall",
+                   "delta", "fit_fraction", "gax_percentile", "bootstrap", "batch_size", "seed"}
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Return nested settings overrides for every dotted flag that was given."""
     nested: dict[str, Any] = {}
     for key, value in vars(args).items():
-        if value is None or key in ("handler", "command", "config"):
+        if value is None or key in COMMAND_OPTIONS:
             continue
         node = nested
         *parents, leaf = key.split(".")
@@ -65,25 +128,122 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return nested
 
 
-def run_serve(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, body: Callable[[Any], int]) -> int:
+    """Build settings, configure logs, run `body(settings)`; map known errors to exit 2."""
     from pydantic import ValidationError
 
+    from .calibration.thresholds import GuaranteeUnavailable
     from .config import load_settings
     from .errors import AxguardError
     from .logs import configure_logging
-    from .server import serve
 
     try:
         settings = load_settings(args.config, **overrides_from_args(args))
     except (ValidationError, FileNotFoundError) as err:
-        print(f"axguard serve: invalid settings: {err}", file=sys.stderr)
+        print(f"axguard {args.command}: invalid settings: {err}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_json)
     try:
-        return serve(settings)
+        return body(settings)
     except AxguardError as err:
-        print(f"axguard serve: error: {err.message}", file=sys.stderr)
+        print(f"axguard {args.command}: error: {err.message}", file=sys.stderr)
         return 2
+    except GuaranteeUnavailable as err:
+        print(f"axguard {args.command}: refused: {err}", file=sys.stderr)
+        return 2
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    return _run(args, serve)
+
+
+def parse_pairs(value: str) -> list[tuple[str, str]]:
+    """Return (method, process) pairs for --methods: default, all, or m:p,m:p."""
+    from .attribution import get_method
+    from .calibration.calibrate import DEFAULT_PAIRS, all_pairs
+
+    if value == "default":
+        return list(DEFAULT_PAIRS)
+    if value == "all":
+        return all_pairs()
+    pairs = []
+    for token in _split_methods(value):
+        method, _, process = token.partition(":")
+        get_method(method)
+        if (process or "sum") not in ("sum", "product"):
+            raise ValueError(f"unknown AX process {process!r} in {token!r}")
+        pairs.append((method, process or "sum"))
+    return pairs
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from .app import build_bundle
+    from .calibration.artifact import save_artifact
+    from .calibration.calibrate import calibrate
+    from .calibration.datasets import load_labelled_images
+    from .engine import Engine
+
+    def body(settings: Any) -> int:
+        pairs = parse_pairs(args.methods)
+        bundle = build_bundle(settings.model, settings.attribution)
+        engine = Engine(bundle, sorted({p[0] for p in pairs}, key=[q[0] for q in pairs].index))
+        images = load_labelled_images(args.data, bundle.class_names)
+        artifact = calibrate(
+            engine, images, pairs=pairs,
+            mode="error_recall" if args.recall is not None else "false_alarm",
+            beta=args.beta, recall=args.recall or 0.9, delta=args.delta,
+            fit_fraction=args.fit_fraction, seed=args.seed,
+            gax_percentile=args.gax_percentile, n_bootstrap=args.bootstrap,
+            batch_size=args.batch_size, progress=sys.stderr.isatty(),
+        )
+        artifact = save_artifact(artifact, args.out)
+        t = artifact.threshold
+        print(f"wrote {args.out} ({artifact.calibration_id}): {artifact.data.n_images} images, "
+              f"{artifact.data.n_errors} wrong; threshold {t.value:.4f} ({t.mode} "
+              f"{t.target}, delta {t.delta}); risk features {artifact.risk_model.features}")
+        for note in artifact.notes:
+            print(f"  note: {note}")
+        print("methods ranked by label-free AUROC: " + ", ".join(
+            f"{r.method}/{r.ax_process} {r.auroc_label_free:.3f} (labelled "
+            f"{r.auroc_labelled:.3f})" for r in artifact.ranking))
+        return 0
+
+    return _run(args, body)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from .app import build_engine
+    from .calibration.datasets import load_labelled_images
+    from .calibration.evaluate import evaluate, format_evaluation
+
+    def body(settings: Any) -> int:
+        engine = build_engine(settings)
+        images = load_labelled_images(args.data, engine.bundle.class_names)
+        result = evaluate(engine, images, n_bootstrap=args.bootstrap,
+                          batch_size=args.batch_size, progress=sys.stderr.isatty())
+        print(format_evaluation(result))
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(result.model_dump_json(indent=1) + "\n")
+        return 0 if result.promise_held else 1
+
+    return _run(args, body)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from .calibration.artifact import load_artifact
+    from .calibration.report import write_report
+    from .errors import AxguardError
+
+    try:
+        page = write_report(load_artifact(args.calibration), args.out)
+    except AxguardError as err:
+        print(f"axguard report: error: {err.message}", file=sys.stderr)
+        return 2
+    print(f"wrote {page}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="axguard", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     _serve_parser(subparsers)
+    _calibrate_parser(subparsers)
+    _evaluate_parser(subparsers)
+    _report_parser(subparsers)
     add_client_commands(subparsers)
     args = parser.parse_args(argv)
     return int(args.handler(args))

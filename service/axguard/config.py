@@ -105,6 +105,9 @@ class Settings(BaseSettings):
     model: ModelSettings = Field(default_factory=ModelSettings)
     attribution: AttributionSettings = Field(default_factory=AttributionSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
+    calibration: str | None = None
+    """Calibration artifact (JSON) for the verdict; the demo model uses its bundled one
+    unless this is "none"."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Log level."""
     log_json: bool | None = None

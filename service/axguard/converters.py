@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from . import attribution
+from .calibration.artifact import CalibrationArtifact
 from .engine import CheckItem, CheckResult, MethodScore, StageTiming, Verdict
 from .errors import InputTooLarge, InvalidInput
 from .model import ModelBundle
@@ -173,9 +174,27 @@ def response_to_result(response: pb.CheckResponse) -> CheckResult:
     )
 
 
-def model_info(bundle: ModelBundle, default_methods: tuple[str, ...]) -> pb.ModelInfo:
-    """Return the ModelInfo message of a bundle."""
+def calibration_summary(artifact: CalibrationArtifact) -> pb.CalibrationSummary:
+    """Return the CalibrationSummary of an artifact."""
+    t = artifact.threshold
+    return pb.CalibrationSummary(
+        calibration_id=artifact.calibration_id, created_at=artifact.created_at, mode=t.mode,
+        target=t.target, delta=t.delta, threshold=t.value,
+        achieved_false_alarm_rate=t.achieved_false_alarm_rate,
+        achieved_error_recall=t.achieved_error_recall,
+        auroc_risk=artifact.metric("risk", "threshold_split").auroc.value,
+        auroc_msp=artifact.metric("msp", "threshold_split").auroc.value,
+        n_images=artifact.data.n_images, n_errors=artifact.data.n_errors,
+        risk_features=artifact.risk_model.features, gax_target=artifact.gax_target,
+        data_source=artifact.data.source,
+    )
+
+
+def model_info(bundle: ModelBundle, default_methods: tuple[str, ...],
+               calibration: CalibrationArtifact | None = None) -> pb.ModelInfo:
+    """Return the ModelInfo message of a bundle and its calibration."""
     return pb.ModelInfo(
+        calibration=calibration_summary(calibration) if calibration is not None else None,
         name=bundle.name,
         version=bundle.version,
         fingerprint=bundle.fingerprint,

@@ -15,9 +15,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from . import attribution, scoring
+from .calibration import flag
+from .calibration.artifact import CalibrationArtifact, check_matches
 from .errors import ConfigError, InvalidInput
 from .model import ModelBundle
 
@@ -97,7 +100,8 @@ class Engine:
     """
 
     def __init__(self, bundle: ModelBundle,
-                 default_methods: Sequence[str] = attribution.DEFAULT_METHODS) -> None:
+                 default_methods: Sequence[str] = attribution.DEFAULT_METHODS,
+                 calibration: CalibrationArtifact | None = None) -> None:
         self.bundle = bundle
         self.available = [m.name for m in attribution.available_methods(bundle)]
         for name in default_methods:
@@ -115,8 +119,17 @@ class Engine:
         self.ready = False
         self.zero_heatmaps: dict[str, int] = {}
         """All-zero heatmaps seen so far, by method (their scores were set to 0)."""
-        # Build the default methods now so configuration errors surface at start-up.
-        for name in self.default_methods:
+        self.calibration = calibration
+        # The verdict needs the calibration's scores whatever a request asks for.
+        self._calibration_methods: tuple[str, ...] = ()
+        self._calibration_processes: tuple[str, ...] = ()
+        if calibration is not None:
+            check_matches(calibration, bundle.fingerprint, self.available)
+            self._calibration_methods = tuple(dict.fromkeys(p.method for p in calibration.pairs))
+            self._calibration_processes = tuple(
+                dict.fromkeys(p.ax_process for p in calibration.pairs))
+        # Build the needed methods now so configuration errors surface at start-up.
+        for name in (*self.default_methods, *self._calibration_methods):
             self._heatmap_fn(name)
 
     def _heatmap_fn(self, name: str) -> attribution.HeatmapFn:
@@ -164,8 +177,16 @@ class Engine:
         with self._lock:
             return self._check_locked(resolved)
 
-    def _check_locked(self, items: list[CheckItem]) -> list[CheckResult]:
+    def _check_locked(self, requested: list[CheckItem]) -> list[CheckResult]:
         bundle = self.bundle
+        # Work on what was asked plus what the verdict needs; report only what was asked.
+        items = [
+            CheckItem(item.image,
+                      tuple(dict.fromkeys((*item.methods, *self._calibration_methods))),
+                      tuple(dict.fromkeys((*item.ax_processes, *self._calibration_processes))),
+                      item.label, item.return_heatmaps)
+            for item in requested
+        ]
         x = torch.stack([item.image for item in items]).to(bundle.device, torch.float32)
         count = len(items)
 
@@ -233,10 +254,14 @@ class Engine:
                     ),
                     zero_heatmap=bool(zero[k]),
                 ))
-        # Each item lists its scores in the order it asked for methods and processes.
-        for i, item in enumerate(items):
-            scores[i].sort(key=lambda s, it=item: (it.methods.index(s.method),
-                                                   it.ax_processes.index(s.ax_process)))
+        verdicts = self._verdicts(logits, scores)
+        # Each item lists the scores it asked for, in the order it asked for them.
+        for i, item in enumerate(requested):
+            scores[i] = sorted(
+                (s for s in scores[i]
+                 if s.method in item.methods and s.ax_process in item.ax_processes),
+                key=lambda s, it=item: (it.methods.index(s.method),
+                                        it.ax_processes.index(s.ax_process)))
         end = time.perf_counter()
 
         timing = StageTiming(
@@ -246,12 +271,12 @@ class Engine:
         )
         results = []
         logits_cpu, probs_cpu, pred_cpu = logits.cpu(), probabilities.cpu(), predicted.cpu()
-        for i, item in enumerate(items):
+        for i, item in enumerate(requested):
             cls = int(pred_cpu[i])
             maps = {}
             if item.return_heatmaps:
                 for name, (rows, normalised, _zero) in heatmaps.items():
-                    if i in rows:
+                    if i in rows and name in item.methods:
                         maps[name] = normalised[rows.index(i)].cpu()
             results.append(CheckResult(
                 class_index=cls,
@@ -261,9 +286,23 @@ class Engine:
                 probabilities=probs_cpu[i].tolist(),
                 scores=scores[i],
                 heatmaps=maps,
+                verdict=verdicts[i],
                 timing=timing,
             ))
         return results
+
+    def _verdicts(self, logits: torch.Tensor, scores: list[list[MethodScore]]) -> list[Verdict]:
+        """Return each item's verdict from the calibration (uncalibrated without one)."""
+        artifact = self.calibration
+        if artifact is None:
+            return [Verdict() for _ in scores]
+        by_pair = [{(s.method, s.ax_process): s.score for s in row} for row in scores]
+        co = {(p.method, p.ax_process): np.array([row[(p.method, p.ax_process)]
+                                                  for row in by_pair])
+              for p in artifact.pairs}
+        risk, wrong = flag.verdicts(artifact, flag.features_of(logits.cpu().numpy(), co))
+        return [Verdict(True, bool(w), float(r), artifact.threshold.value,
+                        artifact.calibration_id) for r, w in zip(risk, wrong, strict=True)]
 
     def warm_up(self) -> None:
         """Run one check with the default methods on a mid-grey image, then mark ready."""

@@ -144,7 +144,8 @@ class ConfidenceServicer(pb_grpc.ConfidenceServiceServicer):
     @rpc_method
     def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext,
                      request_id: str) -> pb.ModelInfo:
-        return model_info(self.engine.bundle, self.engine.default_methods)
+        return model_info(self.engine.bundle, self.engine.default_methods,
+                          self.engine.calibration)
 
 
 def build_server(

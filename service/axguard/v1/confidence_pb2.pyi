@@ -171,10 +171,38 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class CalibrationSummary(_message.Message):
-    __slots__ = ("calibration_id",)
+    __slots__ = ("calibration_id", "created_at", "mode", "target", "delta", "threshold", "achieved_false_alarm_rate", "achieved_error_recall", "auroc_risk", "auroc_msp", "n_images", "n_errors", "risk_features", "gax_target", "data_source")
     CALIBRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    ACHIEVED_FALSE_ALARM_RATE_FIELD_NUMBER: _ClassVar[int]
+    ACHIEVED_ERROR_RECALL_FIELD_NUMBER: _ClassVar[int]
+    AUROC_RISK_FIELD_NUMBER: _ClassVar[int]
+    AUROC_MSP_FIELD_NUMBER: _ClassVar[int]
+    N_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    N_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    RISK_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    GAX_TARGET_FIELD_NUMBER: _ClassVar[int]
+    DATA_SOURCE_FIELD_NUMBER: _ClassVar[int]
     calibration_id: str
-    def __init__(self, calibration_id: _Optional[str] = ...) -> None: ...
+    created_at: str
+    mode: str
+    target: float
+    delta: float
+    threshold: float
+    achieved_false_alarm_rate: float
+    achieved_error_recall: float
+    auroc_risk: float
+    auroc_msp: float
+    n_images: int
+    n_errors: int
+    risk_features: _containers.RepeatedScalarFieldContainer[str]
+    gax_target: float
+    data_source: str
+    def __init__(self, calibration_id: _Optional[str] = ..., created_at: _Optional[str] = ..., mode: _Optional[str] = ..., target: _Optional[float] = ..., delta: _Optional[float] = ..., threshold: _Optional[float] = ..., achieved_false_alarm_rate: _Optional[float] = ..., achieved_error_recall: _Optional[float] = ..., auroc_risk: _Optional[float] = ..., auroc_msp: _Optional[float] = ..., n_images: _Optional[int] = ..., n_errors: _Optional[int] = ..., risk_features: _Optional[_Iterable[str]] = ..., gax_target: _Optional[float] = ..., data_source: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "version", "fingerprint", "class_names", "input_shape", "mean", "std", "available_methods", "default_methods", "calibration", "torchscript", "device")

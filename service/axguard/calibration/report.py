@@ -1,0 +1,224 @@
+"""`axguard report`: PNG figures and one self-contained HTML page from an artifact."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+from . import metrics as m  # noqa: E402
+from .artifact import CalibrationArtifact  # noqa: E402
+from .features import co_feature_name, error_sign  # noqa: E402
+
+CORRECT, WRONG = "#2b7bba", "#d7301f"
+
+
+def _arrays(artifact: CalibrationArtifact) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    s = artifact.samples
+    features = {k: np.asarray(v) for k, v in s.features.items()}
+    is_error = np.asarray(s.labels) != np.asarray(s.predictions)
+    held = np.asarray(s.split) == "threshold"
+    return features, is_error, held
+
+
+def _pairs(artifact: CalibrationArtifact) -> list[tuple[str, str]]:
+    return [(p.method, p.ax_process) for p in artifact.pairs]
+
+
+def figure_distributions(artifact: CalibrationArtifact, kind: str, out: Path) -> Path:
+    """Boxplots or histograms of CO for correct vs wrong: labelled left, label-free right."""
+    features, is_error, _ = _arrays(artifact)
+    pairs = _pairs(artifact)
+    fig, axes = plt.subplots(len(pairs), 2, figsize=(9, 2.6 * len(pairs)), squeeze=False)
+    for row, (method, process) in enumerate(pairs):
+        for col, labelled in enumerate((True, False)):
+            ax = axes[row, col]
+            values = features[co_feature_name(method, process, labelled)]
+            groups = [values[~is_error], values[is_error]]
+            title = (f"{method}/{process}: "
+                     f"{'labelled CO (paper, needs the label)' if labelled else 'label-free CO'}")
+            if kind == "box":
+                ax.boxplot(groups, vert=False, widths=0.6)
+                ax.set_yticks([1, 2], [f"correct ({len(groups[0])})",
+                                       f"wrong ({len(groups[1])})"])
+            else:
+                bins = np.histogram_bin_edges(values, bins=30)
+                ax.hist(groups[0], bins=bins, color=CORRECT, alpha=0.6, density=True,
+                        label="correct")
+                ax.hist(groups[1], bins=bins, color=WRONG, alpha=0.6, density=True,
+                        label="wrong")
+                ax.legend(fontsize=7)
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("CO score", fontsize=8)
+    fig.tight_layout()
+    path = out / f"co_{'boxplots' if kind == 'box' else 'histograms'}.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def figure_roc(artifact: CalibrationArtifact, out: Path) -> Path:
+    """ROC curves (errors as positives): each label-free score against MSP, all images;
+    and the risk against MSP on the held-out threshold split."""
+    features, is_error, held = _arrays(artifact)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
+    for name in [n for n in features if n.startswith("co") or n in ("margin", "energy")]:
+        fpr, tpr, _ = roc_curve(is_error, error_sign(name) * features[name])
+        auc = m.auroc(is_error, error_sign(name) * features[name])
+        style = ":" if name.startswith("co_labelled") else "-"
+        left.plot(fpr, tpr, style, lw=1, label=f"{name} ({auc:.3f})")
+    fpr, tpr, _ = roc_curve(is_error, -features["msp"])
+    left.plot(fpr, tpr, "k-", lw=2, label=f"MSP ({m.auroc(is_error, -features['msp']):.3f})")
+    left.set_title("every score, all calibration images\n(dotted: labelled CO, needs the label)",
+                   fontsize=9)
+    for name, colour in (("risk", "#e08214"), ("msp", "k")):
+        values = error_sign(name) * features[name][held]
+        fpr, tpr, _ = roc_curve(is_error[held], values)
+        right.plot(fpr, tpr, color=colour, lw=2,
+                   label=f"{name} ({m.auroc(is_error[held], values):.3f})")
+    right.set_title("risk vs MSP, held-out threshold split", fontsize=9)
+    for ax in (left, right):
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.5)
+        ax.set_xlabel("false-positive rate (correct flagged)", fontsize=8)
+        ax.set_ylabel("true-positive rate (errors flagged)", fontsize=8)
+        ax.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    path = out / "roc.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def figure_risk_coverage(artifact: CalibrationArtifact, out: Path) -> Path:
+    """Selective risk against coverage for the risk, MSP and a perfect score (held out)."""
+    features, is_error, held = _arrays(artifact)
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    err = is_error[held]
+    for name, values, style in (("risk", features["risk"][held], "-"),
+                                ("MSP", -features["msp"][held], "--"),
+                                ("perfect", err.astype(float), ":")):
+        coverage, risk = m.risk_coverage(err, values)
+        ax.plot(coverage, risk, style, label=f"{name} (AURC {np.mean(risk):.4f})")
+    ax.set_xlabel("coverage (share of predictions accepted)")
+    ax.set_ylabel("selective risk (error rate among accepted)")
+    ax.set_title("risk–coverage, held-out threshold split", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "risk_coverage.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _fmt(i) -> str:  # noqa: ANN001
+    return f"{i.value:.3f} <small>[{i.low:.3f}, {i.high:.3f}]</small>"
+
+
+def render_html(artifact: CalibrationArtifact, figures: dict[str, Path]) -> str:
+    """Return the self-contained report page (figures embedded as base64 PNG)."""
+    a = artifact
+    risk = a.metric("risk", "threshold_split")
+    msp = a.metric("msp", "threshold_split")
+    d = a.risk_vs_msp
+    if d.low > 0:
+        verdict = "Yes: the risk beats MSP on held-out data (the whole interval is above 0)."
+    elif d.high < 0:
+        verdict = "No: MSP alone separates errors better than the risk on held-out data."
+    else:
+        verdict = "Not measurably: the interval of the difference includes 0."
+    t = a.threshold
+    promise = (f"flags at most {t.target:.0%} of correct predictions" if t.mode == "false_alarm"
+               else f"catches at least {t.target:.0%} of wrong predictions")
+    rows = "".join(
+        f"<tr><td>{html.escape(s.name)}</td><td>{'yes' if s.label_free else '<b>no</b>'}</td>"
+        f"<td>{s.evaluated_on}</td><td>{_fmt(s.auroc)}</td><td>{_fmt(s.aupr_error)}</td>"
+        f"<td>{_fmt(s.fpr_at_95_correct_kept)}</td><td>{_fmt(s.aurc)}</td>"
+        f"<td>{_fmt(s.eaurc)}</td><td>{s.median_gap:+.3f}</td>"
+        f"<td>{s.mann_whitney_p:.2g}</td></tr>"
+        for s in a.metrics)
+    ranking = "".join(
+        f"<tr><td>{r.method}/{r.ax_process}</td><td>{r.auroc_label_free:.3f}</td>"
+        f"<td>{r.median_gap_label_free:+.3f}</td><td>{r.auroc_labelled:.3f}</td>"
+        f"<td>{r.median_gap_labelled:+.3f}</td></tr>" for r in a.ranking)
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in a.notes)
+    captions = {
+        "co_boxplots": "CO scores of correct (top) and wrong (bottom) predictions. Left: the "
+                       "paper's labelled score, which uses the true label and so cannot run in "
+                       "production. Right: the label-free score the flag may use.",
+        "co_histograms": "The same distributions as histograms (density).",
+        "roc": "ROC curves with errors as positives. Left: each score on all calibration "
+               "images, against MSP (black). Right: the fitted risk against MSP on the "
+               "held-out threshold split.",
+        "risk_coverage": "Error rate among the predictions kept, as fewer are kept: lower is "
+                         "better.",
+    }
+    images = "".join(
+        f'<figure><img alt="{key}" src="data:image/png;base64,'
+        f'{base64.b64encode(path.read_bytes()).decode()}"><figcaption>{captions[key]}'
+        f"</figcaption></figure>" for key, path in figures.items())
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>axguard calibration {a.calibration_id}</title>
+<style>
+body {{ font-family: sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}
+table {{ border-collapse: collapse; font-size: 0.8em; }}
+td, th {{ border: 1px solid #ccc; padding: 2px 6px; text-align: right; }}
+td:first-child {{ text-align: left; }}
+.headline {{ font-size: 1.3em; padding: 0.6em; background: #f4f4f4; }}
+figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }}
+figcaption {{ font-size: 0.85em; color: #555; }}
+</style></head>
+<body data-figures="{len(figures)}">
+<h1>Does the flag beat MSP on {html.escape(a.model.name)}?</h1>
+<p class="headline" id="verdict">{verdict}<br>
+Risk AUROC {_fmt(risk.auroc)} vs MSP {_fmt(msp.auroc)}; difference {d.difference:+.3f}
+<small>[{d.low:+.3f}, {d.high:+.3f}]</small> (paired bootstrap, held-out threshold split).</p>
+<p>Model {html.escape(a.model.name)} v{html.escape(a.model.version)}
+(<code>{a.model.fingerprint[:16]}…</code>), calibration <code>{a.calibration_id}</code>,
+data {html.escape(a.data.source)}: {a.data.n_images} images, {a.data.n_errors} wrong
+(accuracy {a.data.accuracy:.4f}).</p>
+<p>Promise: the flag {promise} with probability ≥ {1 - t.delta:.2f}; threshold on risk
+{t.value:.4f} (order statistic {t.order_index} of {t.n_used}). On the held-out split it
+flagged {t.achieved_false_alarm_rate:.2%} of correct and {t.achieved_error_recall:.2%} of wrong
+predictions. Risk features: {", ".join(a.risk_model.features)}.
+Default GAX target: {a.gax_target:.2f} (the {a.gax_target_percentile:.0f}th percentile of
+label-free CO on correct predictions).</p>
+<ul>{notes}</ul>
+<h2>Methods ranked by label-free separation</h2>
+<table><tr><th>method</th><th>AUROC label-free</th><th>median gap label-free</th>
+<th>AUROC labelled</th><th>median gap labelled</th></tr>{ranking}</table>
+<h2>Figures</h2>{images}
+<h2>All metrics (errors are positives; bootstrap 95% intervals)</h2>
+<table><tr><th>score</th><th>label-free</th><th>on</th><th>AUROC</th><th>AUPR-Error</th>
+<th>FPR@95% correct kept</th><th>AURC</th><th>E-AURC</th><th>median gap</th>
+<th>Mann–Whitney p</th></tr>{rows}</table>
+<script>
+// For automated checks: how many figures actually decoded.
+window.addEventListener("load", () => {{
+  const ok = [...document.images].filter(i => i.complete && i.naturalWidth > 0).length;
+  document.body.dataset.figuresLoaded = ok;
+}});
+</script>
+</body></html>
+"""
+
+
+def write_report(artifact: CalibrationArtifact, out: Path) -> Path:
+    """Write the PNG figures and index.html into `out`; return the page's path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = {
+        "co_boxplots": figure_distributions(artifact, "box", out),
+        "co_histograms": figure_distributions(artifact, "hist", out),
+        "roc": figure_roc(artifact, out),
+        "risk_coverage": figure_risk_coverage(artifact, out),
+    }
+    page = out / "index.html"
+    page.write_text(render_html(artifact, figures))
+    return page
