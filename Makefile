@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 
-.PHONY: serve test lint proto train-demo venv tools clean
+.PHONY: serve test lint proto train-demo venv tools system-deps calibrate-demo bench-flag clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,10 +24,17 @@ $(BUF):
 
 tools: $(BUF)
 
+# Headless Chromium renders the HTML report in the tests (Debian package; needs root or sudo).
+system-deps:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium; }
+
 serve: $(STAMP)
 	$(BIN)/axguard serve $(ARGS)
 
-test: $(STAMP) $(BUF)
+test: $(STAMP) $(BUF) system-deps
 	PATH="$(CURDIR)/.tools/node_modules/.bin:$$PATH" $(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(STAMP) $(BUF)
@@ -39,6 +46,14 @@ proto: $(STAMP)
 
 train-demo: $(STAMP)
 	$(BIN)/python -m axguard.demo.train
+
+# Recalibrate the bundled demo model on its calibration split.
+calibrate-demo: $(STAMP)
+	$(BIN)/axguard calibrate --data builtin:digits --out service/axguard/demo/assets/calibration.json
+
+# Flag quality of the demo model and an under-trained one, written to bench/results/.
+bench-flag: $(STAMP)
+	$(BIN)/python bench/flag_quality.py
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache

@@ -45,7 +45,7 @@ def figure_distributions(artifact: CalibrationArtifact, kind: str, out: Path) ->
             title = (f"{method}/{process}: "
                      f"{'labelled CO (paper, needs the label)' if labelled else 'label-free CO'}")
             if kind == "box":
-                ax.boxplot(groups, vert=False, widths=0.6)
+                ax.boxplot(groups, orientation="horizontal", widths=0.6)
                 ax.set_yticks([1, 2], [f"correct ({len(groups[0])})",
                                        f"wrong ({len(groups[1])})"])
             else:
@@ -134,7 +134,8 @@ def render_html(artifact: CalibrationArtifact, figures: dict[str, Path]) -> str:
     else:
         verdict = "Not measurably: the interval of the difference includes 0."
     t = a.threshold
-    promise = (f"flags at most {t.target:.0%} of correct predictions" if t.mode == "false_alarm"
+    promise = (f"fires on at most {t.target:.0%} of correct predictions"
+               if t.mode == "false_alarm"
                else f"catches at least {t.target:.0%} of wrong predictions")
     rows = "".join(
         f"<tr><td>{html.escape(s.name)}</td><td>{'yes' if s.label_free else '<b>no</b>'}</td>"
@@ -149,7 +150,8 @@ def render_html(artifact: CalibrationArtifact, figures: dict[str, Path]) -> str:
         f"<td>{r.median_gap_labelled:+.3f}</td></tr>" for r in a.ranking)
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in a.notes)
     captions = {
-        "co_boxplots": "CO scores of correct (top) and wrong (bottom) predictions. Left: the "
+        "co_boxplots": "CO scores of wrong (upper box) and correct (lower box) predictions. "
+                       "Left: the "
                        "paper's labelled score, which uses the true label and so cannot run in "
                        "production. Right: the label-free score the flag may use.",
         "co_histograms": "The same distributions as histograms (density).",

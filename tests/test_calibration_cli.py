@@ -1,0 +1,187 @@
+"""calibrate, evaluate, report and serve --calibration, through the CLI, on real images."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from axguard.calibration.artifact import load_artifact, save_artifact
+from axguard.cli import main
+from axguard.demo.data import export_pngs
+from axguard.engine import Engine
+from axguard.errors import ConfigError
+from conftest import ROOT
+
+AXGUARD = [sys.executable, "-m", "axguard.cli"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    """The demo's calibration and test splits written as ImageFolder trees of PNGs."""
+    root = tmp_path_factory.mktemp("digits")
+    export_pngs("calibration", root / "calibration")
+    export_pngs("test", root / "test")
+    return {"calibration": root / "calibration", "test": root / "test"}
+
+
+@pytest.fixture(scope="module")
+def artifact_path(folders, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cal") / "calibration.json"
+    code = main(["calibrate", "--data", str(folders["calibration"]), "--out", str(out),
+                 "--bootstrap", "50"])
+    assert code == 0
+    return out
+
+
+def test_calibrate_on_an_image_folder_matches_the_builtin_split(artifact_path, demo_calibration):
+    artifact = load_artifact(artifact_path)
+    assert artifact.model.fingerprint == demo_calibration.model.fingerprint
+    assert artifact.data.n_images == 359
+    assert artifact.data.n_errors == demo_calibration.data.n_errors
+    assert artifact.threshold.mode == "false_alarm" and artifact.threshold.target == 0.05
+    # The PNGs decode to the builtin split's tensors: the same scores, in another order.
+    for name in ("co:saliency:sum", "co_labelled:deconvolution:sum", "msp"):
+        assert sorted(artifact.samples.features[name]) == pytest.approx(
+            sorted(demo_calibration.samples.features[name]), rel=1e-4, abs=1e-5)
+    assert {s.name for s in artifact.metrics} >= {
+        "msp", "margin", "entropy", "energy", "co:saliency:sum", "co_labelled:saliency:sum",
+        "co:deconvolution:sum", "co_labelled:deconvolution:sum", "risk"}
+    assert [f"{r.method}/{r.ax_process}" for r in artifact.ranking] == sorted(
+        ["saliency/sum", "deconvolution/sum"],
+        key=lambda n: -next(r.auroc_label_free for r in artifact.ranking
+                            if f"{r.method}/{r.ax_process}" == n))
+    assert len(artifact.samples.labels) == 359
+    assert artifact.calibration_id == artifact.content_id()
+    for s in artifact.metrics:
+        assert s.auroc.low <= s.auroc.value <= s.auroc.high
+
+
+def test_error_recall_mode_refuses_without_enough_errors(folders, tmp_path, capsys):
+    out = tmp_path / "recall.json"
+    code = main(["calibrate", "--data", str(folders["calibration"]), "--out", str(out),
+                 "--target-error-recall", "0.9", "--bootstrap", "20"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "refused" in err and "at least 29 are needed" in err
+    assert not out.exists()
+
+
+def test_calibrate_all_methods_records_every_pair(tmp_path):
+    from axguard.calibration.calibrate import all_pairs, calibrate
+    from axguard.calibration.datasets import load_labelled_images
+    from axguard.demo.bundle import load_demo_bundle
+
+    bundle = load_demo_bundle()
+    images = load_labelled_images("builtin:digits", bundle.class_names)
+    artifact = calibrate(Engine(bundle), images, pairs=all_pairs(), n_bootstrap=10,
+                         progress=False)
+    assert len(artifact.pairs) == 12 and len(artifact.ranking) == 12
+    assert "co_labelled:layer_grad_cam:product" in artifact.samples.features
+
+
+def test_evaluate_checks_the_promise(folders, artifact_path, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    code = main(["evaluate", "--data", str(folders["test"]), "--calibration",
+                 str(artifact_path), "--bootstrap", "50", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "HELD" in text and "risk − MSP AUROC" in text
+    result = json.loads(out.read_text())
+    assert result["n_images"] == 360 and result["promise_held"]
+    low, high = result["observed_interval"]
+    assert low <= result["false_alarm_rate"] <= high
+
+
+def test_evaluate_exits_non_zero_when_the_promise_is_broken(folders, artifact_path, tmp_path,
+                                                           capsys):
+    # A threshold of 0 flags everything: the false-alarm promise is then plainly broken.
+    artifact = load_artifact(artifact_path)
+    broken = artifact.model_copy(update={"threshold": artifact.threshold.model_copy(
+        update={"value": 0.0})})
+    path = save_artifact(broken, tmp_path / "broken.json") and tmp_path / "broken.json"
+    code = main(["evaluate", "--data", str(folders["test"]), "--calibration", str(path),
+                 "--bootstrap", "20"])
+    assert code == 1
+    assert "BROKEN" in capsys.readouterr().out
+
+
+def test_a_mismatched_artifact_refuses_to_load(artifact_path, demo_bundle, tmp_path):
+    artifact = load_artifact(artifact_path)
+    other = artifact.model_copy(update={"model": artifact.model.model_copy(
+        update={"fingerprint": "0" * 64})})
+    with pytest.raises(ConfigError, match="fingerprint"):
+        Engine(demo_bundle, calibration=other)
+    path = tmp_path / "other.json"
+    save_artifact(other, path)
+    proc = subprocess.run([*AXGUARD, "serve", "--port", "0", "--calibration", str(path)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2
+    assert "recalibrate" in proc.stderr and "Traceback" not in proc.stderr
+    broken = tmp_path / "broken.json"
+    broken.write_text("{\"schema_version\": 1}")
+    proc = subprocess.run([*AXGUARD, "serve", "--port", "0", "--calibration", str(broken)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and "cannot load calibration" in proc.stderr
+
+
+def test_a_calibration_needing_hooks_refuses_a_torchscript_model(demo_calibration, demo_bundle,
+                                                                 tmp_path):
+    import warnings
+
+    import torch
+
+    from axguard.model import load_bundle
+
+    path = tmp_path / "m.ts"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.script(demo_bundle.network[1]).save(str(path))
+    bundle = load_bundle(str(path), spec=demo_bundle.spec, class_names=demo_bundle.class_names,
+                         weights=None)
+    same_fingerprint = demo_calibration.model_copy(update={"model": demo_calibration.model
+                                                   .model_copy(update={"fingerprint":
+                                                                       bundle.fingerprint})})
+    with pytest.raises(ConfigError, match="deconvolution"):
+        Engine(bundle, default_methods=["saliency"], calibration=same_fingerprint)
+
+
+def test_bundled_calibration_belongs_to_the_bundled_model(demo_calibration, demo_bundle):
+    assert demo_calibration.model.fingerprint == demo_bundle.fingerprint
+    assert demo_calibration.calibration_id == demo_calibration.content_id()
+    assert demo_calibration.data.source == "builtin:digits"
+
+
+def chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert path, "chromium is not installed: `make test` installs it (Debian package chromium)"
+    return path
+
+
+def test_report_page_shows_its_figures_in_headless_chromium(artifact_path, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["report", str(artifact_path), "--out", str(out)]) == 0
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["co_boxplots.png", "co_histograms.png", "risk_coverage.png", "roc.png"]
+    page = out / "index.html"
+    assert "src=\"data:image/png;base64," in page.read_text()  # self-contained
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([chromium(), *flags, "--virtual-time-budget=5000", "--dump-dom",
+                          page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    assert 'data-figures="4"' in dom
+    assert 'data-figures-loaded="4"' in dom, "not every figure decoded in the browser"
+    assert "Does the flag beat MSP" in dom and "the paper's labelled score" in dom
+    shot = tmp_path / "shot.png"
+    subprocess.run([chromium(), *flags, f"--screenshot={shot}", "--window-size=1200,2400",
+                    page.as_uri()], capture_output=True, timeout=120)
+    from PIL import Image
+
+    with Image.open(shot) as image:
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert colours is not None and len(colours) > 50  # figures, not a blank page
