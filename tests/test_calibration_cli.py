@@ -13,7 +13,7 @@ import pytest
 from axguard.calibration.artifact import load_artifact, save_artifact
 from axguard.cli import main
 from axguard.demo.data import export_pngs
-from axguard.engine import Engine
+from axguard.engine import CheckItem, Engine
 from axguard.errors import ConfigError
 from conftest import ROOT
 
@@ -185,3 +185,29 @@ def test_report_page_shows_its_figures_in_headless_chromium(artifact_path, tmp_p
     with Image.open(shot) as image:
         colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
     assert colours is not None and len(colours) > 50  # figures, not a blank page
+
+
+def test_round_trip_calibrate_serve_check(artifact_path, demo_bundle, folders):
+    """Calibrate (CLI, above) → serve that artifact → Check a test PNG → the verdict equals
+    what the engine computes offline with the same artifact."""
+    from axguard_client import AxguardClient
+    from conftest import RunningServer
+
+    artifact = load_artifact(artifact_path)
+    engine = Engine(demo_bundle, calibration=artifact)
+    server = RunningServer(engine)
+    try:
+        png = sorted((folders["test"] / "7").glob("*.png"))[0]
+        with AxguardClient(server.target, timeout=60) as client:
+            response = client.check(png)
+            assert client.model_info().calibration.calibration_id == artifact.calibration_id
+    finally:
+        server.stop()
+    from axguard.preprocess import decode_image
+
+    image = decode_image(png.read_bytes(), demo_bundle.spec, max_pixels=10**7)
+    offline = Engine(demo_bundle, calibration=artifact).check(
+        [CheckItem(image)])[0]
+    assert response.verdict.calibration_id == artifact.calibration_id
+    assert response.verdict.risk == pytest.approx(offline.verdict.risk, rel=1e-5, abs=1e-7)
+    assert response.verdict.likely_wrong == offline.verdict.likely_wrong

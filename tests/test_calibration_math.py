@@ -94,7 +94,7 @@ def test_predict_risk_equals_sklearn():
     features = {"a": x[:, 0], "b": x[:, 1], "c": x[:, 2]}
     model = fit_risk_model(features, y, ["a", "b", "c"])
     reference = make_pipeline(
-        StandardScaler(), LogisticRegression(C=1.0, class_weight="balanced", max_iter=1000)
+        StandardScaler(), LogisticRegression(C=1.0, max_iter=1000)
     ).fit(x, y)
     np.testing.assert_allclose(predict_risk(model, features), reference.predict_proba(x)[:, 1],
                                rtol=1e-6)
