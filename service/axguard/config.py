@@ -95,6 +95,22 @@ class ServerSettings(BaseModel):
     """On SIGTERM, how long in-flight requests may finish, in seconds."""
 
 
+class GaxSettings(BaseModel):
+    """The Diagnose endpoint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_concurrent: int = Field(default=2, ge=1)
+    """Diagnoses running at once; more get RESOURCE_EXHAUSTED at once."""
+    max_steps_cap: int = Field(default=2000, ge=1)
+    """Largest step cap a request may ask for."""
+    default_target_co: float = 48.0
+    """Target CO when the request gives none and no calibration is loaded (the paper's
+    ImageNet choice); a calibration's GAX target wins."""
+    max_snapshots: int = Field(default=200, ge=1)
+    """Most heatmap snapshots streamed per diagnosis (snapshot_every is raised to fit)."""
+
+
 class Settings(BaseSettings):
     """Everything the server needs."""
 
@@ -105,6 +121,7 @@ class Settings(BaseSettings):
     model: ModelSettings = Field(default_factory=ModelSettings)
     attribution: AttributionSettings = Field(default_factory=AttributionSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
+    gax: GaxSettings = Field(default_factory=GaxSettings)
     calibration: str | None = None
     """Calibration artifact (JSON) for the verdict; the demo model uses its bundled one
     unless this is "none"."""

@@ -70,14 +70,9 @@ def process_names(values: list[int], field: str) -> tuple[str, ...]:
     return tuple(names)
 
 
-def request_to_item(
-    request: pb.CheckRequest, bundle: ModelBundle, limits: InputLimits, prefix: str = ""
-) -> CheckItem:
-    """Return the engine item for a CheckRequest, decoding and validating its image.
-
-    `prefix` is put before field names in errors (e.g. "requests[3].").
-    """
-    image = request.image
+def image_from_proto(image: pb.Image, bundle: ModelBundle, limits: InputLimits,
+                     prefix: str = "") -> torch.Tensor:
+    """Return the (C, H, W) float32 [0, 1] pixels of an Image message, validated."""
     source = image.WhichOneof("source")
     if source is None:
         raise InvalidInput("is missing: set image.encoded or image.tensor",
@@ -88,13 +83,30 @@ def request_to_item(
                 f"has {len(image.encoded)} bytes, limit {limits.max_image_bytes}",
                 field=f"{prefix}image.encoded",
             )
-        pixels = decode_image(image.encoded, bundle.spec, max_pixels=limits.max_image_pixels,
-                              field=f"{prefix}image.encoded")
-    else:
-        pixels = tensor_from_bytes(list(image.tensor.shape), image.tensor.data, bundle.spec,
-                                   field=f"{prefix}image.tensor")
+        return decode_image(image.encoded, bundle.spec, max_pixels=limits.max_image_pixels,
+                            field=f"{prefix}image.encoded")
+    return tensor_from_bytes(list(image.tensor.shape), image.tensor.data, bundle.spec,
+                             field=f"{prefix}image.tensor")
+
+
+def prediction_message(logits: torch.Tensor, class_names: list[str]) -> pb.Prediction:
+    """Return the Prediction message for one row of logits."""
+    probs = torch.softmax(logits.float(), dim=0)
+    cls = int(probs.argmax())
+    return pb.Prediction(class_index=cls, class_name=class_names[cls],
+                         probability=float(probs[cls]), logits=logits.tolist(),
+                         probabilities=probs.tolist())
+
+
+def request_to_item(
+    request: pb.CheckRequest, bundle: ModelBundle, limits: InputLimits, prefix: str = ""
+) -> CheckItem:
+    """Return the engine item for a CheckRequest, decoding and validating its image.
+
+    `prefix` is put before field names in errors (e.g. "requests[3].").
+    """
     return CheckItem(
-        image=pixels,
+        image=image_from_proto(request.image, bundle, limits, prefix),
         methods=method_names(list(request.methods), f"{prefix}methods"),
         ax_processes=process_names(list(request.ax_processes), f"{prefix}ax_processes"),
         label=request.label if request.HasField("label") else None,

@@ -9,19 +9,21 @@ the paper's labelled κ.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from . import attribution, scoring
+from . import attribution, gax, scoring
 from .calibration import flag
 from .calibration.artifact import CalibrationArtifact, check_matches
 from .errors import ConfigError, InvalidInput
+from .gax import GaxOptions, GaxStep
 from .model import ModelBundle
 
 log = logging.getLogger(__name__)
@@ -117,6 +119,7 @@ class Engine:
         self._heatmap_fns: dict[str, attribution.HeatmapFn] = {}
         self._lock = threading.Lock()
         self.ready = False
+        self._gax_copy: torch.nn.Module | None = None
         self.zero_heatmaps: dict[str, int] = {}
         """All-zero heatmaps seen so far, by method (their scores were set to 0)."""
         self.calibration = calibration
@@ -303,6 +306,58 @@ class Engine:
         risk, wrong = flag.verdicts(artifact, flag.features_of(logits.cpu().numpy(), co))
         return [Verdict(True, bool(w), float(r), artifact.threshold.value,
                         artifact.calibration_id) for r, w in zip(risk, wrong, strict=True)]
+
+    def gax_options(
+        self, image: torch.Tensor, *, target_class: int | None, target_co: float | None,
+        max_steps: int, learning_rate: float, similarity_weight: float, step_cap: int,
+        fallback_target_co: float,
+    ) -> GaxOptions:
+        """Return validated GAX options with defaults filled in (see gax.py).
+
+        Defaults: the predicted class; the calibration's GAX target, else `fallback_target_co`.
+        """
+        self.resolve(CheckItem(image, self.default_methods[:1]))
+        if target_class is None:
+            target_class = int(self.predict(image[None]).argmax(dim=1)[0])
+        elif not 0 <= target_class < self.bundle.num_classes:
+            raise InvalidInput(
+                f"{target_class} is out of range [0, {self.bundle.num_classes - 1}]",
+                field="target_class")
+        if target_co is None:
+            target_co = (self.calibration.gax_target if self.calibration is not None
+                         else fallback_target_co)
+        if not np.isfinite(target_co):
+            raise InvalidInput("must be finite", field="target_co")
+        if not 1 <= max_steps <= step_cap:
+            raise InvalidInput(f"{max_steps} is outside [1, {step_cap}]", field="max_steps")
+        if not (np.isfinite(learning_rate) and learning_rate > 0):
+            raise InvalidInput("must be a positive number", field="learning_rate")
+        if not (np.isfinite(similarity_weight) and similarity_weight >= 0):
+            raise InvalidInput("must be a non-negative number", field="similarity_weight")
+        return GaxOptions(target_class, float(target_co), max_steps, learning_rate,
+                          similarity_weight)
+
+    @property
+    def _gax_network(self) -> torch.nn.Module:
+        """A private copy of the network that no hook ever touches, so GAX needs no lock."""
+        if self._gax_copy is None:
+            with self._lock:
+                if self._gax_copy is None:
+                    self._gax_copy = (self.bundle.network if self.bundle.torchscript
+                                      else copy.deepcopy(self.bundle.network))
+        return self._gax_copy
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Return logits (N, classes) of (N, C, H, W) pixels, without attribution."""
+        network = self._gax_network  # copied outside inference mode: GAX needs autograd on it
+        with torch.inference_mode():
+            return network(x.to(self.bundle.device)).float().cpu()
+
+    def diagnose(self, image: torch.Tensor, options: GaxOptions,
+                 should_stop: Callable[[], bool] = lambda: False) -> Iterator[GaxStep]:
+        """Yield the GAX steps for one (C, H, W) image (see gax.diagnose)."""
+        yield from gax.diagnose(self._gax_network, image.to(self.bundle.device), options,
+                                should_stop=should_stop)
 
     def warm_up(self) -> None:
         """Run one check with the default methods on a mid-grey image, then mark ready."""

@@ -4,6 +4,7 @@
     ├── InvalidInput        the caller sent something unusable (names the field)
     ├── InputTooLarge       the input exceeds a configured limit
     ├── UnknownMethod       an attribution method that does not exist or this model lacks
+    ├── Busy                a bounded pool (diagnoses) is full: retry later
     ├── NotReady            the model is not loaded or warmed up yet
     ├── ConfigError         the server's own configuration is wrong (start-up only)
     └── ModelLoadError      the model or its weights could not be loaded (start-up only)
@@ -38,6 +39,10 @@ class InputTooLarge(AxguardError):
 
 class UnknownMethod(InvalidInput):
     """An attribution method that is unknown, or unavailable for this model."""
+
+
+class Busy(AxguardError):
+    """No room in a bounded pool right now."""
 
 
 class NotReady(AxguardError):

@@ -13,19 +13,29 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any, TypeVar
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .config import Settings
-from .converters import InputLimits, model_info, request_to_item, result_to_response
+from .converters import (
+    InputLimits,
+    image_from_proto,
+    model_info,
+    prediction_message,
+    request_to_item,
+    result_to_response,
+    tensor_to_proto,
+)
 from .engine import Engine
 from .errors import (
     AxguardError,
+    Busy,
     ConfigError,
     InputTooLarge,
     InvalidInput,
@@ -43,6 +53,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ConfidenceService"].full_name
 STATUS_BY_ERROR: dict[type[AxguardError], grpc.StatusCode] = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     InputTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Busy: grpc.StatusCode.RESOURCE_EXHAUSTED,
     NotReady: grpc.StatusCode.UNAVAILABLE,
     ConfigError: grpc.StatusCode.INTERNAL,
     ModelLoadError: grpc.StatusCode.INTERNAL,
@@ -61,23 +72,44 @@ def status_for(error: AxguardError) -> grpc.StatusCode:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _failure(rpc: str, request_id: str, error: Exception) -> tuple[grpc.StatusCode, str]:
+    """Return the status and client message for an error; log it with the request id."""
+    if isinstance(error, AxguardError):
+        code = status_for(error)
+        log.info("rpc_rejected", extra={"rpc": rpc, "request_id": request_id,
+                                        "code": code.name, "reason": error.message})
+        return code, error.message
+    log.error("rpc_failed", exc_info=error, extra={"rpc": rpc, "request_id": request_id})
+    return grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})"
+
+
 def rpc_method(func: F) -> F:
-    """Wrap a servicer method: request id, error → status mapping, no stack trace to clients."""
+    """Wrap a unary servicer method: request id, error → status, no stack trace to clients."""
 
     @functools.wraps(func)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         request_id = getattr(request, "request_id", "") or uuid.uuid4().hex
-        code: grpc.StatusCode | None = None
-        message = ""
         try:
             return func(self, request, context, request_id)
-        except AxguardError as err:
-            code, message = status_for(err), err.message
-            log.info("rpc_rejected", extra={"rpc": func.__name__, "request_id": request_id,
-                                            "code": code.name, "reason": message})
-        except Exception:
-            code, message = grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})"
-            log.exception("rpc_failed", extra={"rpc": func.__name__, "request_id": request_id})
+        except Exception as err:  # noqa: BLE001  (mapped, logged, never leaked)
+            code, message = _failure(func.__name__, request_id, err)
+        context.abort(code, message)
+
+    wrapper.__axguard_rpc__ = True  # type: ignore[attr-defined]
+    return wrapper  # type: ignore[return-value]
+
+
+def rpc_stream_method(func: F) -> F:
+    """`rpc_method` for server-streaming methods (generators)."""
+
+    @functools.wraps(func)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        request_id = getattr(request, "request_id", "") or uuid.uuid4().hex
+        try:
+            yield from func(self, request, context, request_id)
+            return
+        except Exception as err:  # noqa: BLE001  (mapped, logged, never leaked)
+            code, message = _failure(func.__name__, request_id, err)
         context.abort(code, message)
 
     wrapper.__axguard_rpc__ = True  # type: ignore[attr-defined]
@@ -92,6 +124,8 @@ class ConfidenceServicer(pb_grpc.ConfidenceServiceServicer):
         self.limits = InputLimits(settings.server.max_image_bytes,
                                   settings.server.max_image_pixels)
         self.max_batch_items = settings.server.max_batch_items
+        self.gax = settings.gax
+        self._diagnoses = threading.BoundedSemaphore(settings.gax.max_concurrent)
 
     def _ensure_ready(self) -> None:
         if not self.engine.ready:
@@ -140,6 +174,82 @@ class ConfidenceServicer(pb_grpc.ConfidenceServiceServicer):
             responses[i] = result_to_response(result, sub_id, decode_ms=(decoded - start) * 1e3,
                                               total_ms=total_ms)
         return pb.CheckBatchResponse(responses=responses)
+
+    @rpc_stream_method
+    def Diagnose(self, request: pb.DiagnoseRequest, context: grpc.ServicerContext,
+                 request_id: str) -> Iterator[pb.DiagnoseEvent]:
+        self._ensure_ready()
+        if not self._diagnoses.acquire(blocking=False):
+            raise Busy(f"{self.gax.max_concurrent} diagnoses are already running; retry later",
+                       field="diagnose")
+        try:
+            yield from self._diagnose(request, context, request_id)
+        finally:
+            self._diagnoses.release()
+
+    def _diagnose(self, request: pb.DiagnoseRequest, context: grpc.ServicerContext,
+                  request_id: str) -> Iterator[pb.DiagnoseEvent]:
+        engine = self.engine
+        image = image_from_proto(request.image, engine.bundle, self.limits)
+        options = engine.gax_options(
+            image,
+            target_class=request.target_class if request.HasField("target_class") else None,
+            target_co=request.target_co if request.HasField("target_co") else None,
+            max_steps=request.max_steps or 500,
+            learning_rate=(request.learning_rate if request.HasField("learning_rate")
+                           else 0.1),
+            similarity_weight=(request.similarity_weight
+                               if request.HasField("similarity_weight") else 100.0),
+            step_cap=self.gax.max_steps_cap,
+            fallback_target_co=self.gax.default_target_co,
+        )
+        if request.snapshot_every < 0:
+            raise InvalidInput("must be >= 0", field="snapshot_every")
+        every = request.snapshot_every
+        if every:  # keep the stream bounded
+            every = max(every, -(-options.max_steps // self.gax.max_snapshots))
+        cancelled = threading.Event()
+        context.add_callback(cancelled.set)
+
+        def should_stop() -> bool:
+            remaining = context.time_remaining()
+            return cancelled.is_set() or (remaining is not None and remaining <= 0)
+
+        last = None
+        steps = engine.diagnose(image, options, should_stop)
+        try:
+            for step in steps:
+                last = step
+                yield pb.DiagnoseEvent(progress=pb.DiagnoseProgress(
+                    step=step.step, co_score=step.co_score, loss=step.loss,
+                    similarity=step.similarity))
+                if every and step.step % every == 0 and not step.final:
+                    yield pb.DiagnoseEvent(snapshot=pb.DiagnoseSnapshot(
+                        step=step.step, co_score=step.co_score,
+                        heatmap=tensor_to_proto(step.heatmap)))
+        except GeneratorExit:
+            # gRPC closed the stream (client gone): no further step is computed.
+            log.info("diagnose_cancelled", extra={"request_id": request_id,
+                                                  "steps": last.step if last else 0})
+            raise
+        finally:
+            steps.close()
+        if last is None or not last.final:
+            log.info("diagnose_cancelled", extra={"request_id": request_id,
+                                                  "steps": last.step if last else 0})
+            return
+        logits = engine.predict(torch.stack([image, image + last.heatmap]))
+        names = engine.bundle.class_names
+        log.info("diagnose_done", extra={"request_id": request_id, "steps": last.step,
+                                         "reached_target": last.reached_target,
+                                         "seconds": round(last.seconds, 3)})
+        yield pb.DiagnoseEvent(result=pb.DiagnoseResult(
+            reached_target=last.reached_target, steps=last.step, final_co=last.co_score,
+            seconds=last.seconds, heatmap=tensor_to_proto(last.heatmap),
+            prediction_before=prediction_message(logits[0], names),
+            prediction_after=prediction_message(logits[1], names),
+            target_class=options.target_class, target_co=options.target_co,
+            image=tensor_to_proto(image)))
 
     @rpc_method
     def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext,

@@ -40,6 +40,20 @@ def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
                        help="true class index: adds the paper's labelled CO score")
     check.set_defaults(handler=run_check)
 
+    diagnose = subparsers.add_parser("diagnose", parents=[common],
+                                     help="run a GAX diagnosis and write the viewer")
+    diagnose.add_argument("image", type=Path)
+    diagnose.add_argument("--html", type=Path, help="write the viewer page here")
+    diagnose.add_argument("--png", type=Path, help="write the final step as a PNG figure")
+    diagnose.add_argument("--target-class", type=int, default=None)
+    diagnose.add_argument("--target-co", type=float, default=None)
+    diagnose.add_argument("--max-steps", type=int, default=500)
+    diagnose.add_argument("--learning-rate", type=float, default=None)
+    diagnose.add_argument("--similarity-weight", type=float, default=None)
+    diagnose.add_argument("--snapshot-every", type=int, default=10,
+                          help="stream a heatmap every N steps for the slider (default 10)")
+    diagnose.set_defaults(handler=run_diagnose, timeout=600.0)
+
     info = subparsers.add_parser("info", parents=[common], help="describe the served model")
     info.set_defaults(handler=run_info)
 
@@ -96,6 +110,53 @@ def run_check(args: argparse.Namespace) -> int:
             print(json.dumps(outputs[0] if len(args.images) == 1 and outputs else outputs,
                              indent=2))
     return 1 if failed else 0
+
+
+def run_diagnose(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .viewer import Diagnosis, render_html, write_png
+
+    diagnosis = Diagnosis()
+    with AxguardClient(args.target, timeout=args.timeout) as client, tqdm(
+            total=args.max_steps, unit="step", desc="GAX", disable=args.json) as bar:
+        try:
+            for event in client.diagnose(
+                    args.image, target_class=args.target_class, target_co=args.target_co,
+                    max_steps=args.max_steps, learning_rate=args.learning_rate,
+                    similarity_weight=args.similarity_weight,
+                    snapshot_every=args.snapshot_every):
+                diagnosis.add(event)
+                if event.WhichOneof("event") == "progress":
+                    bar.update(1)
+                    bar.set_postfix(co=f"{event.progress.co_score:.2f}")
+        except (ClientError, OSError) as err:
+            print(f"{args.image}: error: {err}", file=sys.stderr)
+            return 1
+    r = diagnosis.result
+    if r is None:
+        print(f"{args.image}: error: the diagnosis ended without a result", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"image": str(args.image), "reached_target": r.reached_target,
+                          "steps": r.steps, "final_co": r.final_co, "target_co": r.target_co,
+                          "seconds": r.seconds, "target_class": r.target_class,
+                          "before": _to_dict(r.prediction_before),
+                          "after": _to_dict(r.prediction_after)}, indent=2))
+    else:
+        print(f"{args.image}: class {r.target_class}: "
+              f"{'reached' if r.reached_target else 'did not reach'} target CO "
+              f"{r.target_co:.2f} in {r.steps} steps ({r.seconds:.2f} s); final CO "
+              f"{r.final_co:.2f}; prediction {r.prediction_before.class_name} "
+              f"(p={r.prediction_before.probability:.3f}) -> {r.prediction_after.class_name} "
+              f"(p={r.prediction_after.probability:.3f}) with the heatmap added")
+    if args.html:
+        args.html.write_text(render_html(diagnosis, f"GAX diagnosis of {args.image.name}"))
+        print(f"wrote {args.html}")
+    if args.png:
+        write_png(diagnosis, args.png)
+        print(f"wrote {args.png}")
+    return 0
 
 
 def run_info(args: argparse.Namespace) -> int:

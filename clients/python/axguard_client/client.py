@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +118,31 @@ class AxguardClient:
         response = self._call(self._stub.CheckBatch, pb.CheckBatchRequest(requests=requests),
                               timeout)
         return list(response.responses)
+
+    def diagnose(self, image: ImageLike, *, target_class: int | None = None,
+                 target_co: float | None = None, max_steps: int = 0,
+                 learning_rate: float | None = None, similarity_weight: float | None = None,
+                 snapshot_every: int = 0, request_id: str = "",
+                 timeout: float | None = None) -> Iterator[pb.DiagnoseEvent]:
+        """Yield the Diagnose stream's events (Progress per step, Snapshots, final Result).
+
+        The deadline covers the whole stream; closing the iterator cancels the diagnosis.
+        """
+        data = image if isinstance(image, bytes) else Path(image).read_bytes()
+        request = pb.DiagnoseRequest(request_id=request_id, image=pb.Image(encoded=data),
+                                     max_steps=max_steps, snapshot_every=snapshot_every)
+        for name, value in (("target_class", target_class), ("target_co", target_co),
+                            ("learning_rate", learning_rate),
+                            ("similarity_weight", similarity_weight)):
+            if value is not None:
+                setattr(request, name, value)
+        call = self._stub.Diagnose(request, timeout=self.timeout if timeout is None else timeout)
+        try:
+            yield from call
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        finally:
+            call.cancel()
 
     def model_info(self, *, timeout: float | None = None) -> pb.ModelInfo:
         """Return the server's ModelInfo."""

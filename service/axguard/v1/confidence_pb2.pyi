@@ -231,3 +231,79 @@ class ModelInfo(_message.Message):
     torchscript: bool
     device: str
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., fingerprint: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., available_methods: _Optional[_Iterable[_Union[AttributionMethod, str]]] = ..., default_methods: _Optional[_Iterable[_Union[AttributionMethod, str]]] = ..., calibration: _Optional[_Union[CalibrationSummary, _Mapping]] = ..., torchscript: _Optional[bool] = ..., device: _Optional[str] = ...) -> None: ...
+
+class DiagnoseRequest(_message.Message):
+    __slots__ = ("request_id", "image", "target_class", "target_co", "max_steps", "learning_rate", "similarity_weight", "snapshot_every")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_CLASS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_CO_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    SIMILARITY_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_EVERY_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    image: Image
+    target_class: int
+    target_co: float
+    max_steps: int
+    learning_rate: float
+    similarity_weight: float
+    snapshot_every: int
+    def __init__(self, request_id: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., target_class: _Optional[int] = ..., target_co: _Optional[float] = ..., max_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., similarity_weight: _Optional[float] = ..., snapshot_every: _Optional[int] = ...) -> None: ...
+
+class DiagnoseProgress(_message.Message):
+    __slots__ = ("step", "co_score", "loss", "similarity")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    CO_SCORE_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    co_score: float
+    loss: float
+    similarity: float
+    def __init__(self, step: _Optional[int] = ..., co_score: _Optional[float] = ..., loss: _Optional[float] = ..., similarity: _Optional[float] = ...) -> None: ...
+
+class DiagnoseSnapshot(_message.Message):
+    __slots__ = ("step", "co_score", "heatmap")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    CO_SCORE_FIELD_NUMBER: _ClassVar[int]
+    HEATMAP_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    co_score: float
+    heatmap: Tensor
+    def __init__(self, step: _Optional[int] = ..., co_score: _Optional[float] = ..., heatmap: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class DiagnoseResult(_message.Message):
+    __slots__ = ("reached_target", "steps", "final_co", "seconds", "heatmap", "prediction_before", "prediction_after", "target_class", "target_co", "image")
+    REACHED_TARGET_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    FINAL_CO_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    HEATMAP_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_AFTER_FIELD_NUMBER: _ClassVar[int]
+    TARGET_CLASS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_CO_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    reached_target: bool
+    steps: int
+    final_co: float
+    seconds: float
+    heatmap: Tensor
+    prediction_before: Prediction
+    prediction_after: Prediction
+    target_class: int
+    target_co: float
+    image: Tensor
+    def __init__(self, reached_target: _Optional[bool] = ..., steps: _Optional[int] = ..., final_co: _Optional[float] = ..., seconds: _Optional[float] = ..., heatmap: _Optional[_Union[Tensor, _Mapping]] = ..., prediction_before: _Optional[_Union[Prediction, _Mapping]] = ..., prediction_after: _Optional[_Union[Prediction, _Mapping]] = ..., target_class: _Optional[int] = ..., target_co: _Optional[float] = ..., image: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class DiagnoseEvent(_message.Message):
+    __slots__ = ("progress", "snapshot", "result")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    progress: DiagnoseProgress
+    snapshot: DiagnoseSnapshot
+    result: DiagnoseResult
+    def __init__(self, progress: _Optional[_Union[DiagnoseProgress, _Mapping]] = ..., snapshot: _Optional[_Union[DiagnoseSnapshot, _Mapping]] = ..., result: _Optional[_Union[DiagnoseResult, _Mapping]] = ...) -> None: ...

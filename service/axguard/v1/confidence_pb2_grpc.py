@@ -50,6 +50,11 @@ class ConfidenceServiceStub:
                 request_serializer=axguard_dot_v1_dot_confidence__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=axguard_dot_v1_dot_confidence__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.Diagnose = channel.unary_stream(
+                '/axguard.v1.ConfidenceService/Diagnose',
+                request_serializer=axguard_dot_v1_dot_confidence__pb2.DiagnoseRequest.SerializeToString,
+                response_deserializer=axguard_dot_v1_dot_confidence__pb2.DiagnoseEvent.FromString,
+                _registered_method=True)
 
 
 class ConfidenceServiceServicer:
@@ -78,6 +83,16 @@ class ConfidenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Diagnose(self, request, context):
+        """Diagnose runs GAX on one image: it optimises a heatmap that raises the model's
+        confidence in a class and streams one Progress per step, Snapshots as asked, and a
+        final Result. Diagnoses run in their own bounded pool; when it is full the call fails
+        at once with RESOURCE_EXHAUSTED. Cancelling the call stops the optimisation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ConfidenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +110,11 @@ def add_ConfidenceServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=axguard_dot_v1_dot_confidence__pb2.GetModelInfoRequest.FromString,
                     response_serializer=axguard_dot_v1_dot_confidence__pb2.ModelInfo.SerializeToString,
+            ),
+            'Diagnose': grpc.unary_stream_rpc_method_handler(
+                    servicer.Diagnose,
+                    request_deserializer=axguard_dot_v1_dot_confidence__pb2.DiagnoseRequest.FromString,
+                    response_serializer=axguard_dot_v1_dot_confidence__pb2.DiagnoseEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -179,6 +199,33 @@ class ConfidenceService:
             '/axguard.v1.ConfidenceService/GetModelInfo',
             axguard_dot_v1_dot_confidence__pb2.GetModelInfoRequest.SerializeToString,
             axguard_dot_v1_dot_confidence__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Diagnose(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/axguard.v1.ConfidenceService/Diagnose',
+            axguard_dot_v1_dot_confidence__pb2.DiagnoseRequest.SerializeToString,
+            axguard_dot_v1_dot_confidence__pb2.DiagnoseEvent.FromString,
             options,
             channel_credentials,
             insecure,
