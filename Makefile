@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 
-.PHONY: serve test lint proto train-demo venv tools system-deps calibrate-demo bench-flag clean
+.PHONY: serve test lint proto train-demo venv tools system-deps calibrate-demo bench-flag bench-gax clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,10 @@ calibrate-demo: $(STAMP)
 # Flag quality of the demo model and an under-trained one, written to bench/results/.
 bench-flag: $(STAMP)
 	$(BIN)/python bench/flag_quality.py
+
+# GAX steps and seconds on the demo model and a ResNet-18, written to bench/results/.
+bench-gax: $(STAMP)
+	$(BIN)/python bench/gax.py
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache
