@@ -10,6 +10,7 @@ the paper's labelled κ.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import threading
 import time
@@ -25,6 +26,7 @@ from .calibration.artifact import CalibrationArtifact, check_matches
 from .errors import ConfigError, InvalidInput
 from .gax import GaxOptions, GaxStep
 from .model import ModelBundle
+from .sharedpass import SHARED_METHODS, SharedPass
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,8 @@ class StageTiming:
     forward_ms: float = 0.0
     attribution_ms: float = 0.0
     ax_ms: float = 0.0
+    queue_ms: float = 0.0
+    batch_size: int = 1
 
 
 @dataclass
@@ -103,7 +107,8 @@ class Engine:
 
     def __init__(self, bundle: ModelBundle,
                  default_methods: Sequence[str] = attribution.DEFAULT_METHODS,
-                 calibration: CalibrationArtifact | None = None) -> None:
+                 calibration: CalibrationArtifact | None = None, *,
+                 shared_pass: bool = True) -> None:
         self.bundle = bundle
         self.available = [m.name for m in attribution.available_methods(bundle)]
         for name in default_methods:
@@ -120,6 +125,12 @@ class Engine:
         self._lock = threading.Lock()
         self.ready = False
         self._gax_copy: torch.nn.Module | None = None
+        self.captum_calls: dict[str, int] = {}
+        """Images whose heatmap came from Captum itself, by method: DeepLift and Grad-CAM
+        always, the shared-pass methods only where the shared path is off or impossible
+        (TorchScript)."""
+        self._shared = (SharedPass(bundle.network)
+                        if shared_pass and not bundle.torchscript else None)
         self.zero_heatmaps: dict[str, int] = {}
         """All-zero heatmaps seen so far, by method (their scores were set to 0)."""
         self.calibration = calibration
@@ -193,20 +204,36 @@ class Engine:
         x = torch.stack([item.image for item in items]).to(bundle.device, torch.float32)
         count = len(items)
 
+        needed = list(dict.fromkeys(m for item in items for m in item.methods))
+        shared = [m for m in needed if self._shared is not None and m in SHARED_METHODS]
+
         start = time.perf_counter()
-        with torch.inference_mode():
-            logits = bundle.network(x).float()
+        if shared:
+            # One recorded forward gives the logits and serves every shared method.
+            leaf, graph_logits = self._shared.forward(x)
+            logits = graph_logits.detach().float()
+        else:
+            with torch.inference_mode():
+                logits = bundle.network(x).float()
         predicted = logits.argmax(dim=1)
         probabilities = torch.softmax(logits, dim=1)
         after_forward = time.perf_counter()
 
+        raw_shared = (self._shared.heatmaps(leaf, graph_logits, predicted, shared)
+                      if shared and self._shared is not None else {})
+        if shared:
+            del leaf, graph_logits  # free the graph before the AX forward
         # One attribution call per method, for the images that asked for it.
         heatmaps: dict[str, tuple[list[int], torch.Tensor, torch.Tensor]] = {}
-        for name in dict.fromkeys(m for item in items for m in item.methods):
+        for name in needed:
             rows = [i for i, item in enumerate(items) if name in item.methods]
             index = torch.tensor(rows, device=x.device)
-            with torch.enable_grad():
-                raw = self._heatmap_fn(name)(x[index], predicted[index])
+            if name in raw_shared:
+                raw = raw_shared[name][index]
+            else:
+                with torch.enable_grad():
+                    raw = self._heatmap_fn(name)(x[index], predicted[index])
+                self.captum_calls[name] = self.captum_calls.get(name, 0) + len(rows)
             normalised, zero = scoring.normalise_heatmaps(raw.float())
             heatmaps[name] = (rows, normalised, zero)
             if zero.any():
@@ -271,6 +298,7 @@ class Engine:
             forward_ms=(after_forward - start) * 1e3,
             attribution_ms=(after_attribution - after_forward) * 1e3,
             ax_ms=(end - after_attribution) * 1e3,
+            batch_size=count,
         )
         results = []
         logits_cpu, probs_cpu, pred_cpu = logits.cpu(), probabilities.cpu(), predicted.cpu()
@@ -290,7 +318,7 @@ class Engine:
                 scores=scores[i],
                 heatmaps=maps,
                 verdict=verdicts[i],
-                timing=timing,
+                timing=dataclasses.replace(timing),  # each result may add its queue time
             ))
         return results
 

@@ -1,0 +1,122 @@
+"""Dynamic batching: concurrent checks are grouped into one engine batch (no gRPC here).
+
+Like Triton's dynamic batcher: a worker thread takes the first waiting item, then waits up
+to `max_delay` seconds for more, up to `max_batch_size`, and runs them as one engine batch.
+The queue is bounded: when it is full, `submit` raises Busy at once instead of waiting.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from .engine import CheckItem, CheckResult, Engine
+from .errors import Busy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Job:
+    item: CheckItem
+    future: Future
+    enqueued: float
+
+
+@dataclass
+class BatchStats:
+    """Counters of the batcher (read by tests and metrics)."""
+
+    batches: int = 0
+    items: int = 0
+    largest_batch: int = 0
+    rejected: int = 0
+    failed_batches: int = 0
+
+
+class DynamicBatcher:
+    """Groups submitted items into engine batches; `submit` returns a Future of CheckResult.
+
+    Items must already be validated with `engine.resolve`, so one bad item cannot fail a
+    batch. The result's `queue_ms` field tells how long the item waited.
+    """
+
+    def __init__(self, engine: Engine, *, max_batch_size: int = 32, max_delay: float = 0.002,
+                 max_queue: int = 1024) -> None:
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.max_delay = max_delay
+        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
+        self.stats = BatchStats()
+        self._thread = threading.Thread(target=self._run, name="axguard-batcher", daemon=True)
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        """Items waiting in the queue."""
+        return self._queue.qsize()
+
+    def submit(self, item: CheckItem) -> Future:
+        """Queue one validated item; raise Busy when the queue is full."""
+        future: Future = Future()
+        try:
+            self._queue.put_nowait(_Job(item, future, time.perf_counter()))
+        except queue.Full:
+            self.stats.rejected += 1
+            raise Busy(f"the check queue is full ({self._queue.maxsize} waiting); retry later",
+                       field="queue") from None
+        return future
+
+    def check(self, items: list[CheckItem], timeout: float | None = None) -> list[CheckResult]:
+        """Submit items and wait for all their results, in order."""
+        futures = [self.submit(item) for item in items]
+        return [f.result(timeout=timeout) for f in futures]
+
+    def close(self) -> None:
+        """Stop the worker after the items already queued."""
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            jobs = [first]
+            deadline = time.perf_counter() + self.max_delay
+            while len(jobs) < self.max_batch_size:
+                remaining = deadline - time.perf_counter()
+                try:
+                    job = self._queue.get(timeout=max(remaining, 0)) if remaining > 0 \
+                        else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    self._queue.put(None)  # stop after this batch
+                    break
+                jobs.append(job)
+            self._execute(jobs)
+
+    def _execute(self, jobs: list[_Job]) -> None:
+        live = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        started = time.perf_counter()
+        try:
+            results = self.engine.check([j.item for j in live])
+        except BaseException as err:  # noqa: BLE001  (handed to every waiting caller)
+            self.stats.failed_batches += 1
+            log.error("batch_failed", exc_info=err, extra={"size": len(live)})
+            for job in live:
+                job.future.set_exception(err)
+            return
+        self.stats.batches += 1
+        self.stats.items += len(live)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(live))
+        for job, result in zip(live, results, strict=True):
+            result.timing.queue_ms = (started - job.enqueued) * 1e3
+            job.future.set_result(result)
