@@ -58,6 +58,7 @@ class RunningServer:
 
     def stop(self) -> None:
         self.server.stop(None).wait()
+        self.server.axguard_servicer.batcher.close()
 
 
 @pytest.fixture(scope="module")

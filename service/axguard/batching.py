@@ -15,7 +15,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from .engine import CheckItem, CheckResult, Engine
-from .errors import Busy
+from .errors import Busy, DeadlineExceeded
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,8 @@ class DynamicBatcher:
         self.max_delay = max_delay
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
         self.stats = BatchStats()
+        self.in_flight = 0
+        """Items taken from the queue whose batch is running."""
         self._thread = threading.Thread(target=self._run, name="axguard-batcher", daemon=True)
         self._thread.start()
 
@@ -74,7 +76,15 @@ class DynamicBatcher:
     def check(self, items: list[CheckItem], timeout: float | None = None) -> list[CheckResult]:
         """Submit items and wait for all their results, in order."""
         futures = [self.submit(item) for item in items]
-        return [f.result(timeout=timeout) for f in futures]
+        end = None if timeout is None else time.perf_counter() + timeout
+        try:
+            return [f.result(timeout=None if end is None else max(end - time.perf_counter(), 0))
+                    for f in futures]
+        except TimeoutError:
+            for f in futures:
+                f.cancel()  # still queued: it will be skipped, not computed
+            raise DeadlineExceeded("the deadline passed while the check waited or ran",
+                                   field="deadline") from None
 
     def close(self) -> None:
         """Stop the worker after the items already queued."""
@@ -106,14 +116,17 @@ class DynamicBatcher:
         if not live:
             return
         started = time.perf_counter()
+        self.in_flight = len(live)
         try:
             results = self.engine.check([j.item for j in live])
         except BaseException as err:  # noqa: BLE001  (handed to every waiting caller)
+            self.in_flight = 0
             self.stats.failed_batches += 1
             log.error("batch_failed", exc_info=err, extra={"size": len(live)})
             for job in live:
                 job.future.set_exception(err)
             return
+        self.in_flight = 0
         self.stats.batches += 1
         self.stats.items += len(live)
         self.stats.largest_batch = max(self.stats.largest_batch, len(live))

@@ -49,6 +49,8 @@ class ModelSettings(BaseModel):
     """Model version reported by GetModelInfo."""
     device: str = "cpu"
     """Torch device: "cpu", "cuda" or "cuda:N"."""
+    torch_threads: int | None = Field(default=None, ge=1)
+    """Intra-op threads of torch; default: the CPU cores available to the process."""
 
 
 class AttributionSettings(BaseModel):
@@ -95,6 +97,19 @@ class ServerSettings(BaseModel):
     """On SIGTERM, how long in-flight requests may finish, in seconds."""
 
 
+class BatchingSettings(BaseModel):
+    """The dynamic batcher in front of the engine."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(default=32, ge=1)
+    """Most images in one engine batch."""
+    max_delay_ms: float = Field(default=2.0, ge=0)
+    """How long the batcher waits for more requests after the first, in milliseconds."""
+    max_queue: int = Field(default=512, ge=1)
+    """Most images waiting; more get RESOURCE_EXHAUSTED at once."""
+
+
 class GaxSettings(BaseModel):
     """The Diagnose endpoint."""
 
@@ -122,6 +137,7 @@ class Settings(BaseSettings):
     attribution: AttributionSettings = Field(default_factory=AttributionSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
     gax: GaxSettings = Field(default_factory=GaxSettings)
+    batching: BatchingSettings = Field(default_factory=BatchingSettings)
     calibration: str | None = None
     """Calibration artifact (JSON) for the verdict; the demo model uses its bundled one
     unless this is "none"."""

@@ -154,7 +154,8 @@ def result_to_response(
         timing=pb.Timing(
             decode_ms=decode_ms, forward_ms=result.timing.forward_ms,
             attribution_ms=result.timing.attribution_ms, ax_ms=result.timing.ax_ms,
-            total_ms=total_ms,
+            total_ms=total_ms, queue_ms=result.timing.queue_ms,
+            batch_size=result.timing.batch_size,
         ),
     )
 
@@ -182,7 +183,8 @@ def response_to_result(response: pb.CheckResponse) -> CheckResult:
         heatmaps={name: tensor_from_proto(t) for name, t in response.heatmaps.items()},
         verdict=Verdict(v.calibrated, v.likely_wrong, v.risk, v.threshold, v.calibration_id),
         timing=StageTiming(response.timing.forward_ms, response.timing.attribution_ms,
-                           response.timing.ax_ms),
+                           response.timing.ax_ms, response.timing.queue_ms,
+                           response.timing.batch_size),
     )
 
 

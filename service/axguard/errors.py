@@ -6,6 +6,7 @@
     ├── UnknownMethod       an attribution method that does not exist or this model lacks
     ├── Busy                a bounded pool (diagnoses) is full: retry later
     ├── NotReady            the model is not loaded or warmed up yet
+    ├── DeadlineExceeded    the caller's deadline passed while the request waited
     ├── ConfigError         the server's own configuration is wrong (start-up only)
     └── ModelLoadError      the model or its weights could not be loaded (start-up only)
 
@@ -47,6 +48,10 @@ class Busy(AxguardError):
 
 class NotReady(AxguardError):
     """The engine cannot answer yet."""
+
+
+class DeadlineExceeded(AxguardError):
+    """The request's deadline passed before its result was ready."""
 
 
 class ConfigError(AxguardError):

@@ -22,6 +22,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from .batching import DynamicBatcher
 from .config import Settings
 from .converters import (
     InputLimits,
@@ -37,6 +38,7 @@ from .errors import (
     AxguardError,
     Busy,
     ConfigError,
+    DeadlineExceeded,
     InputTooLarge,
     InvalidInput,
     ModelLoadError,
@@ -55,6 +57,7 @@ STATUS_BY_ERROR: dict[type[AxguardError], grpc.StatusCode] = {
     InputTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Busy: grpc.StatusCode.RESOURCE_EXHAUSTED,
     NotReady: grpc.StatusCode.UNAVAILABLE,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     ConfigError: grpc.StatusCode.INTERNAL,
     ModelLoadError: grpc.StatusCode.INTERNAL,
     AxguardError: grpc.StatusCode.INTERNAL,
@@ -121,6 +124,9 @@ class ConfidenceServicer(pb_grpc.ConfidenceServiceServicer):
 
     def __init__(self, engine: Engine, settings: Settings) -> None:
         self.engine = engine
+        b = settings.batching
+        self.batcher = DynamicBatcher(engine, max_batch_size=b.max_batch_size,
+                                      max_delay=b.max_delay_ms / 1e3, max_queue=b.max_queue)
         self.limits = InputLimits(settings.server.max_image_bytes,
                                   settings.server.max_image_pixels)
         self.max_batch_items = settings.server.max_batch_items
@@ -136,9 +142,9 @@ class ConfidenceServicer(pb_grpc.ConfidenceServiceServicer):
               request_id: str) -> pb.CheckResponse:
         start = time.perf_counter()
         self._ensure_ready()
-        item = request_to_item(request, self.engine.bundle, self.limits)
+        item = self.engine.resolve(request_to_item(request, self.engine.bundle, self.limits))
         decoded = time.perf_counter()
-        result = self.engine.check([item])[0]
+        result = self.batcher.check([item], timeout=context.time_remaining())[0]
         return result_to_response(result, request_id, decode_ms=(decoded - start) * 1e3,
                                   total_ms=(time.perf_counter() - start) * 1e3)
 
@@ -168,7 +174,8 @@ class ConfidenceServicer(pb_grpc.ConfidenceServiceServicer):
                 log.info("batch_item_rejected", extra={"request_id": sub_id,
                                                        "reason": err.message})
         decoded = time.perf_counter()
-        results = self.engine.check([item for _, _, item in good])
+        results = self.batcher.check([item for _, _, item in good],
+                                     timeout=context.time_remaining())
         total_ms = (time.perf_counter() - start) * 1e3
         for (i, sub_id, _), result in zip(good, results, strict=True):
             responses[i] = result_to_response(result, sub_id, decode_ms=(decoded - start) * 1e3,
@@ -272,7 +279,9 @@ def build_server(
         options=[("grpc.max_receive_message_length", limit),
                  ("grpc.max_send_message_length", limit)],
     )
-    pb_grpc.add_ConfidenceServiceServicer_to_server(ConfidenceServicer(engine, settings), server)
+    servicer = ConfidenceServicer(engine, settings)
+    pb_grpc.add_ConfidenceServiceServicer_to_server(servicer, server)
+    server.axguard_servicer = servicer  # type: ignore[attr-defined]  # for shutdown and tests
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
@@ -299,10 +308,20 @@ def start_serving(
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
 
+def configure_torch(settings: Settings) -> None:
+    """Set torch's intra-op threads (default: the cores this process may use)."""
+    import os
+
+    threads = settings.model.torch_threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    log.info("torch_threads", extra={"threads": threads})
+
+
 def serve(settings: Settings) -> int:
     """Run the server until SIGTERM or SIGINT; return the exit code."""
     from .app import build_engine
 
+    configure_torch(settings)
     engine = build_engine(settings)
     server, port, health_servicer = build_server(settings, engine)
     stop = threading.Event()
@@ -315,5 +334,6 @@ def serve(settings: Settings) -> int:
     log.info("draining", extra={"grace_seconds": settings.server.grace_seconds})
     health_servicer.enter_graceful_shutdown()
     server.stop(settings.server.grace_seconds).wait()
+    server.axguard_servicer.batcher.close()
     log.info("stopped")
     return 0

@@ -108,18 +108,22 @@ class Verdict(_message.Message):
     def __init__(self, calibrated: _Optional[bool] = ..., likely_wrong: _Optional[bool] = ..., risk: _Optional[float] = ..., threshold: _Optional[float] = ..., calibration_id: _Optional[str] = ...) -> None: ...
 
 class Timing(_message.Message):
-    __slots__ = ("decode_ms", "forward_ms", "attribution_ms", "ax_ms", "total_ms")
+    __slots__ = ("decode_ms", "forward_ms", "attribution_ms", "ax_ms", "total_ms", "queue_ms", "batch_size")
     DECODE_MS_FIELD_NUMBER: _ClassVar[int]
     FORWARD_MS_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTION_MS_FIELD_NUMBER: _ClassVar[int]
     AX_MS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     decode_ms: float
     forward_ms: float
     attribution_ms: float
     ax_ms: float
     total_ms: float
-    def __init__(self, decode_ms: _Optional[float] = ..., forward_ms: _Optional[float] = ..., attribution_ms: _Optional[float] = ..., ax_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
+    queue_ms: float
+    batch_size: int
+    def __init__(self, decode_ms: _Optional[float] = ..., forward_ms: _Optional[float] = ..., attribution_ms: _Optional[float] = ..., ax_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class ItemError(_message.Message):
     __slots__ = ("code", "message")
