@@ -125,3 +125,17 @@ def test_full_queue_is_resource_exhausted_over_grpc(demo_bundle):
     finally:
         server.stop(None).wait()
         batcher.close()
+
+
+def test_prediction_only_skips_scores_and_batches_with_full_checks(client, demo_engine):
+    png = (EXAMPLES / "digit_6.png").read_bytes()
+    request = pb.CheckRequest(image=pb.Image(encoded=png), prediction_only=True)
+    response = client.check(request)
+    full = client.check(png)
+    assert response.prediction.class_name == full.prediction.class_name == "6"
+    assert response.prediction.probability == pytest.approx(full.prediction.probability)
+    assert len(response.co_scores) == 0 and not response.verdict.calibrated
+    mixed = demo_engine.check([CheckItem(torch.rand(3, 32, 32), prediction_only=True),
+                               CheckItem(torch.rand(3, 32, 32))])
+    assert mixed[0].scores == [] and not mixed[0].verdict.calibrated
+    assert len(mixed[1].scores) == 2 and mixed[1].verdict.calibrated

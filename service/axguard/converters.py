@@ -111,6 +111,7 @@ def request_to_item(
         ax_processes=process_names(list(request.ax_processes), f"{prefix}ax_processes"),
         label=request.label if request.HasField("label") else None,
         return_heatmaps=request.return_heatmaps,
+        prediction_only=request.prediction_only,
     )
 
 
@@ -122,6 +123,7 @@ def item_to_request(item: CheckItem, request_id: str = "") -> pb.CheckRequest:
         methods=[method_value(m) for m in item.methods],
         ax_processes=[AX_PROCESS_VALUE[p] for p in item.ax_processes],
         return_heatmaps=item.return_heatmaps,
+        prediction_only=item.prediction_only,
     )
     if item.label is not None:
         request.label = item.label

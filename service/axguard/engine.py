@@ -46,6 +46,8 @@ class CheckItem:
     label: int | None = None
     """True class, when known: adds the paper's labelled CO score."""
     return_heatmaps: bool = False
+    prediction_only: bool = False
+    """Only the prediction: no heatmaps, scores or verdict."""
 
 
 @dataclass
@@ -166,6 +168,8 @@ class Engine:
                                field="image")
         if not torch.isfinite(image).all():
             raise InvalidInput("contains NaN or Inf", field="image")
+        if item.prediction_only:
+            return CheckItem(image, (), (), None, False, True)
         methods = tuple(dict.fromkeys(item.methods)) or self.default_methods
         for name in methods:
             attribution.check_available(attribution.get_method(name), self.bundle)
@@ -195,6 +199,7 @@ class Engine:
         bundle = self.bundle
         # Work on what was asked plus what the verdict needs; report only what was asked.
         items = [
+            item if item.prediction_only else
             CheckItem(item.image,
                       tuple(dict.fromkeys((*item.methods, *self._calibration_methods))),
                       tuple(dict.fromkeys((*item.ax_processes, *self._calibration_processes))),
@@ -253,8 +258,9 @@ class Engine:
                 ax = scoring.AX_PROCESSES[process](x[sub_rows], normalised[keep])
                 pairs.append((name, process, sub_rows, zero[keep]))
                 ax_inputs.append(ax)
-        with torch.inference_mode():
-            ax_logits = bundle.network(torch.cat(ax_inputs)).float()
+        if ax_inputs:
+            with torch.inference_mode():
+                ax_logits = bundle.network(torch.cat(ax_inputs)).float()
 
         scores: list[list[MethodScore]] = [[] for _ in range(count)]
         offset = 0
@@ -325,15 +331,19 @@ class Engine:
     def _verdicts(self, logits: torch.Tensor, scores: list[list[MethodScore]]) -> list[Verdict]:
         """Return each item's verdict from the calibration (uncalibrated without one)."""
         artifact = self.calibration
-        if artifact is None:
-            return [Verdict() for _ in scores]
-        by_pair = [{(s.method, s.ax_process): s.score for s in row} for row in scores]
+        verdicts = [Verdict() for _ in scores]
+        rows = [i for i, row in enumerate(scores) if row]  # prediction-only items have none
+        if artifact is None or not rows:
+            return verdicts
+        by_pair = [{(s.method, s.ax_process): s.score for s in scores[i]} for i in rows]
         co = {(p.method, p.ax_process): np.array([row[(p.method, p.ax_process)]
                                                   for row in by_pair])
               for p in artifact.pairs}
-        risk, wrong = flag.verdicts(artifact, flag.features_of(logits.cpu().numpy(), co))
-        return [Verdict(True, bool(w), float(r), artifact.threshold.value,
-                        artifact.calibration_id) for r, w in zip(risk, wrong, strict=True)]
+        risk, wrong = flag.verdicts(artifact, flag.features_of(logits[rows].cpu().numpy(), co))
+        for i, r, w in zip(rows, risk, wrong, strict=True):
+            verdicts[i] = Verdict(True, bool(w), float(r), artifact.threshold.value,
+                                  artifact.calibration_id)
+        return verdicts
 
     def gax_options(
         self, image: torch.Tensor, *, target_class: int | None, target_co: float | None,

@@ -50,20 +50,22 @@ class Image(_message.Message):
     def __init__(self, encoded: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class CheckRequest(_message.Message):
-    __slots__ = ("request_id", "image", "methods", "ax_processes", "label", "return_heatmaps")
+    __slots__ = ("request_id", "image", "methods", "ax_processes", "label", "return_heatmaps", "prediction_only")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     METHODS_FIELD_NUMBER: _ClassVar[int]
     AX_PROCESSES_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     RETURN_HEATMAPS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_ONLY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     image: Image
     methods: _containers.RepeatedScalarFieldContainer[AttributionMethod]
     ax_processes: _containers.RepeatedScalarFieldContainer[AxProcess]
     label: int
     return_heatmaps: bool
-    def __init__(self, request_id: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., methods: _Optional[_Iterable[_Union[AttributionMethod, str]]] = ..., ax_processes: _Optional[_Iterable[_Union[AxProcess, str]]] = ..., label: _Optional[int] = ..., return_heatmaps: _Optional[bool] = ...) -> None: ...
+    prediction_only: bool
+    def __init__(self, request_id: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., methods: _Optional[_Iterable[_Union[AttributionMethod, str]]] = ..., ax_processes: _Optional[_Iterable[_Union[AxProcess, str]]] = ..., label: _Optional[int] = ..., return_heatmaps: _Optional[bool] = ..., prediction_only: _Optional[bool] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("class_index", "class_name", "probability", "logits", "probabilities")
