@@ -50,7 +50,7 @@ class ModelSettings(BaseModel):
     device: str = "cpu"
     """Torch device: "cpu", "cuda" or "cuda:N"."""
     torch_threads: int | None = Field(default=None, ge=1)
-    """Intra-op threads of torch; default: the CPU cores available to the process."""
+    """Intra-op threads of torch; default: the usable CPU cores minus one (at least 1)."""
 
 
 class AttributionSettings(BaseModel):

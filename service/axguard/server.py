@@ -309,10 +309,15 @@ def start_serving(
 
 
 def configure_torch(settings: Settings) -> None:
-    """Set torch's intra-op threads (default: the cores this process may use)."""
+    """Set torch's intra-op threads (default: one less than the usable cores, at least 1).
+
+    One core is left to gRPC and Python: on the 2-core benchmark machine, two torch threads
+    made a demo-model check 2.3× slower inside the server (OpenMP workers competing with the
+    RPC threads) than one.
+    """
     import os
 
-    threads = settings.model.torch_threads or len(os.sched_getaffinity(0))
+    threads = settings.model.torch_threads or max(1, len(os.sched_getaffinity(0)) - 1)
     torch.set_num_threads(threads)
     log.info("torch_threads", extra={"threads": threads})
 

@@ -45,8 +45,8 @@ class _SwitchableReluFn(torch.autograd.Function):
         name = ctx.rule.name
         if name == "deconvolution":
             return torch.relu(grad), None
-        # Same as aten's threshold_backward: pass grad where the output is positive.
-        passed = torch.where(out > 0, grad, torch.zeros_like(grad))
+        # aten's own ReLU backward kernel: pass grad where the output is positive.
+        passed = torch.ops.aten.threshold_backward(grad, out, 0)
         return (torch.relu(passed) if name == "guided" else passed), None
 
 

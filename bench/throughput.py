@@ -1,0 +1,248 @@
+"""Throughput of the confidence check: `make bench` (writes bench/results/throughput.{json,md}).
+
+1. Engine level, for the demo CNN (32×32) and a torchvision ResNet-34 (224×224, random
+   weights), batch sizes 1, 8 and 32, images per second of
+   (a) plain prediction: one batched forward under inference_mode;
+   (b) naive: Captum's Saliency and Deconvolution classes on the batch, plus separate
+       forwards for the prediction and for each AX input;
+   (c) axguard's check (Saliency + Deconvolution, SUM: shared pass, one AX forward).
+2. Service level over real gRPC on loopback (a separate `axguard serve` process): 1, 8 and
+   32 concurrent clients, throughput and p50/p95/p99 latency of Check and of a
+   prediction-only Check, for both models.
+3. Peak resident memory (VmHWM) of the serving process, and its growth over a
+   10,000-request run on the demo model.
+
+Usage: python bench/throughput.py [--quick]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from captum.attr import Deconvolution, Saliency
+
+from axguard import scoring
+from axguard.demo.bundle import load_demo_bundle
+from axguard.engine import CheckItem, Engine
+from axguard.model import InputSpec, load_bundle
+from axguard.v1 import confidence_pb2 as pb
+from axguard_client import AxguardClient
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+IMAGENET = InputSpec(3, 224, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def resnet34_bundle(folder: Path):
+    torch.manual_seed(0)
+    path = folder / "resnet34.pt"
+    torch.save(torchvision.models.resnet34(num_classes=1000).state_dict(), path)
+    names = [str(i) for i in range(1000)]
+    (folder / "classes.txt").write_text("\n".join(names) + "\n")
+    return load_bundle("torchvision:resnet34", spec=IMAGENET, class_names=names, weights=path,
+                       name="resnet34"), path
+
+
+def timed(fn, repeats: int) -> float:
+    """Median seconds of fn() over `repeats` runs after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def naive_check(network, x: torch.Tensor) -> None:
+    """The straightforward implementation: Captum classes and separate forwards."""
+    with torch.inference_mode():
+        logits = network(x)
+    target = logits.argmax(dim=1)
+    k = scoring.kappa(target, logits.shape[1])
+    for method in (Saliency(network), Deconvolution(network)):
+        kwargs = {"abs": False} if isinstance(method, Saliency) else {}
+        h = method.attribute(x.clone().requires_grad_(True), target=target, **kwargs)
+        h, _ = scoring.normalise_heatmaps(h)
+        with torch.inference_mode():
+            scoring.co_score(network(x + h), logits, k)
+
+
+def engine_level(bundle, batches: list[int], repeats: int) -> list[dict]:
+    engine = Engine(bundle)
+    rows = []
+    for n in batches:
+        x = torch.rand(n, *bundle.spec.shape, generator=torch.Generator().manual_seed(n))
+        items = [CheckItem(img) for img in x]
+
+        def plain(x: torch.Tensor = x) -> None:
+            with torch.inference_mode():
+                bundle.network(x)
+
+        t_plain = timed(plain, repeats)
+        t_naive = timed(lambda x=x: naive_check(bundle.network, x), repeats)
+        t_check = timed(lambda items=items: engine.check(items), repeats)
+        rows.append({"model": bundle.name, "batch": n,
+                     "plain_ips": n / t_plain, "naive_ips": n / t_naive,
+                     "check_ips": n / t_check,
+                     "check_cost_vs_plain": t_check / t_plain,
+                     "check_speedup_vs_naive": t_naive / t_check})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def start_server(args: list[str]) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "axguard.cli", "serve", "--port", "0",
+                             "--calibration", "none", *args],
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    for line in proc.stderr:
+        if line.startswith("{") and json.loads(line)["event"] == "serving":
+            threading.Thread(target=proc.stderr.read, daemon=True).start()
+            return proc, json.loads(line)["address"]
+    raise RuntimeError(f"server exited with {proc.wait()}")
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def load(address: str, request: pb.CheckRequest, clients: int, total: int) -> dict:
+    """Send `total` requests from `clients` threads; return throughput and latencies."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    counter = iter(range(total))
+
+    def worker(client: AxguardClient) -> None:
+        while True:
+            with lock:
+                if next(counter, None) is None:
+                    return
+            start = time.perf_counter()
+            client.check(request, timeout=300)
+            with lock:
+                latencies.append(time.perf_counter() - start)
+
+    with AxguardClient(address, timeout=300) as client:
+        client.check(request)  # warm the channel
+        start = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=clients) as pool:
+            list(pool.map(worker, [client] * clients))
+        wall = time.perf_counter() - start
+    ms = np.array(latencies) * 1e3
+    return {"clients": clients, "requests": total, "throughput": total / wall,
+            "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
+            "p99_ms": float(np.percentile(ms, 99))}
+
+
+def image_request(spec: InputSpec, prediction_only: bool) -> pb.CheckRequest:
+    rng = np.random.default_rng(0)
+    data = rng.random(spec.shape, dtype=np.float32).astype("<f4").tobytes()
+    return pb.CheckRequest(image=pb.Image(tensor=pb.Tensor(shape=list(spec.shape), data=data)),
+                           prediction_only=prediction_only)
+
+
+def service_level(name: str, args: list[str], spec: InputSpec, totals: dict[int, int],
+                  soak: int = 0) -> dict:
+    proc, address = start_server(args)
+    rows = []
+    memory: dict = {}
+    try:
+        for prediction_only in (False, True):
+            request = image_request(spec, prediction_only)
+            for clients, total in totals.items():
+                row = load(address, request, clients, total)
+                row.update(model=name, path="prediction_only" if prediction_only else "check")
+                rows.append(row)
+                print(row, flush=True)
+        if soak:
+            request = image_request(spec, False)
+            memory["rss_before_soak_mb"] = rss_mb(proc.pid)
+            row = load(address, request, 8, soak)
+            memory["soak_requests"] = soak
+            memory["soak_throughput"] = row["throughput"]
+            memory["rss_after_soak_mb"] = rss_mb(proc.pid)
+        memory["peak_rss_mb"] = peak_rss_mb(proc.pid)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    return {"rows": rows, "memory": {"model": name, **memory}}
+
+
+def markdown(payload: dict) -> str:
+    out = ["# Throughput", "", f"Machine: {payload['machine']}", "",
+           "## Engine level (images/s)", "",
+           "| model | batch | (a) plain | (b) naive Captum | (c) axguard check | (c) cost ÷ (a) "
+           "| (c) ÷ (b) throughput |", "|---|---|---|---|---|---|---|"]
+    for r in payload["engine"]:
+        out.append(f"| {r['model']} | {r['batch']} | {r['plain_ips']:.1f} | "
+                   f"{r['naive_ips']:.1f} | {r['check_ips']:.1f} | "
+                   f"{r['check_cost_vs_plain']:.2f}× | {r['check_speedup_vs_naive']:.2f}× |")
+    out += ["", "## Service level (gRPC on loopback)", "",
+            "| model | path | clients | requests | req/s | p50 ms | p95 ms | p99 ms |",
+            "|---|---|---|---|---|---|---|---|"]
+    for s in payload["service"]:
+        for r in s["rows"]:
+            out.append(f"| {r['model']} | {r['path']} | {r['clients']} | {r['requests']} | "
+                       f"{r['throughput']:.1f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | "
+                       f"{r['p99_ms']:.1f} |")
+    out += ["", "## Memory of the serving process", ""]
+    for s in payload["service"]:
+        out.append(f"- {json.dumps(s['memory'])}")
+    return "\n".join(out) + "\n"
+
+
+def main() -> int:
+    quick = "--quick" in sys.argv
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    start = time.time()
+    payload: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+                                f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+                     "engine": [], "service": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        demo = load_demo_bundle()
+        resnet, weights = resnet34_bundle(Path(tmp))
+        payload["engine"] += engine_level(demo, [1, 8, 32], repeats=3 if quick else 10)
+        payload["engine"] += engine_level(resnet, [1, 8] if quick else [1, 8, 32],
+                                          repeats=1 if quick else 3)
+        payload["service"].append(service_level(
+            "digits-cnn", [], demo.spec,
+            {1: 100, 8: 400, 32: 800} if not quick else {1: 50, 8: 100},
+            soak=0 if quick else 10_000))
+        payload["service"].append(service_level(
+            "resnet34", ["--model", "torchvision:resnet34", "--weights", str(weights),
+                         "--classes", str(Path(tmp) / "classes.txt"), "--input-size", "224"],
+            IMAGENET, {1: 8, 8: 32, 32: 64} if not quick else {1: 4, 8: 16}))
+    payload["seconds"] = round(time.time() - start)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "throughput.json").write_text(json.dumps(payload, indent=1) + "\n")
+    (RESULTS / "throughput.md").write_text(markdown(payload))
+    print(markdown(payload))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
