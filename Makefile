@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 
-.PHONY: serve test lint proto train-demo venv tools system-deps calibrate-demo bench-flag bench-gax clean
+.PHONY: serve test lint proto train-demo venv tools system-deps calibrate-demo bench bench-flag bench-gax clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,12 +24,17 @@ $(BUF):
 
 tools: $(BUF)
 
-# Headless Chromium renders the HTML report in the tests (Debian package; needs root or sudo).
+# Debian packages the tests use: chromium (report and viewer pages), prometheus (promtool
+# and the end-to-end scrape), kubectl (kustomize). Needs root or sudo on first use.
+SYSTEM_TOOLS := chromium promtool prometheus kubectl
 system-deps:
-	@command -v chromium >/dev/null 2>&1 || { \
+	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null 2>&1 || missing=1; done; \
+	if [ -n "$$missing" ]; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium; }
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
+	    chromium prometheus kubectl; \
+	fi
 
 serve: $(STAMP)
 	$(BIN)/axguard serve $(ARGS)
@@ -54,6 +59,10 @@ calibrate-demo: $(STAMP)
 # Flag quality of the demo model and an under-trained one, written to bench/results/.
 bench-flag: $(STAMP)
 	$(BIN)/python bench/flag_quality.py
+
+# Throughput, latency and memory (engine and service level), written to bench/results/.
+bench: $(STAMP)
+	$(BIN)/python bench/throughput.py
 
 # GAX steps and seconds on the demo model and a ResNet-18, written to bench/results/.
 bench-gax: $(STAMP)

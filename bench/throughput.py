@@ -107,7 +107,7 @@ def engine_level(bundle, batches: list[int], repeats: int) -> list[dict]:
 
 def start_server(args: list[str]) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "axguard.cli", "serve", "--port", "0",
-                             "--calibration", "none", *args],
+                             "--metrics-port", "0", "--calibration", "none", *args],
                             stderr=subprocess.PIPE, text=True, cwd=ROOT)
     for line in proc.stderr:
         if line.startswith("{") and json.loads(line)["event"] == "serving":

@@ -118,13 +118,14 @@ def test_a_mismatched_artifact_refuses_to_load(artifact_path, demo_bundle, tmp_p
         Engine(demo_bundle, calibration=other)
     path = tmp_path / "other.json"
     save_artifact(other, path)
-    proc = subprocess.run([*AXGUARD, "serve", "--port", "0", "--calibration", str(path)],
+    serve = [*AXGUARD, "serve", "--port", "0", "--metrics-port", "0"]
+    proc = subprocess.run([*serve, "--calibration", str(path)],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2
     assert "recalibrate" in proc.stderr and "Traceback" not in proc.stderr
     broken = tmp_path / "broken.json"
     broken.write_text("{\"schema_version\": 1}")
-    proc = subprocess.run([*AXGUARD, "serve", "--port", "0", "--calibration", str(broken)],
+    proc = subprocess.run([*serve, "--calibration", str(broken)],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2 and "cannot load calibration" in proc.stderr
 

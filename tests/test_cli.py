@@ -71,7 +71,8 @@ def test_unreachable_server_is_a_clear_error(capsys):
 def start_serve(args: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     """Start `axguard serve` on a free port; return the process and its address."""
     proc = subprocess.Popen(
-        [*AXGUARD, "serve", "--port", "0", *args], stderr=subprocess.PIPE, text=True,
+        [*AXGUARD, "serve", "--port", "0", "--metrics-port", "0", *args],
+        stderr=subprocess.PIPE, text=True,
         env={**os.environ, **(env or {})}, cwd=ROOT,
     )
     assert proc.stderr is not None
@@ -175,7 +176,7 @@ TS_SPEC = ["--num-classes", "10", "--input-size", "32", "--mean", "0.3048", "0.3
 
 
 def test_torchscript_with_deconvolution_fails_at_start_up(torchscript_file):
-    proc = subprocess.run([*AXGUARD, "serve", "--port", "0", "--model",
+    proc = subprocess.run([*AXGUARD, "serve", "--port", "0", "--metrics-port", "0", "--model",
                            f"torchscript:{torchscript_file}", *TS_SPEC],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2
@@ -211,7 +212,8 @@ def test_torchscript_serves_gradient_methods(torchscript_file, capsys):
 )
 def test_bad_serve_settings_fail_with_a_clear_message(args, message, resnet_files):
     args = [a.replace("{weights}", str(resnet_files["weights"])) for a in args]
-    proc = subprocess.run([*AXGUARD, "serve", "--port", "0", *args], capture_output=True,
+    proc = subprocess.run([*AXGUARD, "serve", "--port", "0", "--metrics-port", "0", *args],
+                          capture_output=True,
                           text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2
     assert message in proc.stderr

@@ -6,6 +6,7 @@ Subcommands only parse arguments, build settings and call library functions.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,10 @@ from axguard_client.cli import add_client_commands
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
     """The options that pick and describe the model (shared by serve, calibrate, evaluate)."""
-    parser.add_argument("--config", type=Path, help="YAML settings file")
+    parser.add_argument("--config", type=Path,
+                        default=Path(os.environ["AXGUARD_CONFIG_FILE"])
+                        if os.environ.get("AXGUARD_CONFIG_FILE") else None,
+                        help="YAML settings file (default: $AXGUARD_CONFIG_FILE)")
     model = parser.add_argument_group("model")
     model.add_argument("--model", dest="model.source",
                        help="demo (default), torchvision:NAME, package.module:factory, "
@@ -59,6 +63,11 @@ def _serve_parser(subparsers: argparse._SubParsersAction) -> None:
     srv.add_argument("--host", dest="server.host")
     srv.add_argument("--port", dest="server.port", type=int)
     srv.add_argument("--max-workers", dest="server.max_workers", type=int)
+    srv.add_argument("--grace-seconds", dest="server.grace_seconds", type=float,
+                     help="on SIGTERM, seconds in-flight requests may finish (default 10)")
+    srv.add_argument("--metrics-host", dest="metrics.host")
+    srv.add_argument("--metrics-port", dest="metrics.port", type=int,
+                     help="Prometheus /metrics port (default 9090; 0 picks a free one)")
     serve.set_defaults(handler=run_serve)
 
 

@@ -110,6 +110,21 @@ class BatchingSettings(BaseModel):
     """Most images waiting; more get RESOURCE_EXHAUSTED at once."""
 
 
+class MetricsSettings(BaseModel):
+    """The Prometheus endpoint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    """Serve /metrics over HTTP."""
+    host: str = "127.0.0.1"
+    """Address of the metrics HTTP server; "0.0.0.0" in a container."""
+    port: int = Field(default=9090, ge=0, le=65535)
+    """Port of the metrics HTTP server (path /metrics)."""
+    max_class_labels: int = Field(default=50, ge=0)
+    """Models with more classes report predicted_class="other" (bounded cardinality)."""
+
+
 class GaxSettings(BaseModel):
     """The Diagnose endpoint."""
 
@@ -138,6 +153,7 @@ class Settings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
     gax: GaxSettings = Field(default_factory=GaxSettings)
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     calibration: str | None = None
     """Calibration artifact (JSON) for the verdict; the demo model uses its bundled one
     unless this is "none"."""

@@ -21,6 +21,7 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
 
 from .batching import DynamicBatcher
 from .config import Settings
@@ -44,6 +45,7 @@ from .errors import (
     ModelLoadError,
     NotReady,
 )
+from .metrics import EngineCollector, Metrics
 from .v1 import confidence_pb2 as pb
 from .v1 import confidence_pb2_grpc as pb_grpc
 
@@ -122,8 +124,9 @@ def rpc_stream_method(func: F) -> F:
 class ConfidenceServicer(pb_grpc.ConfidenceServiceServicer):
     """axguard.v1.ConfidenceService: validate → convert → engine → convert back."""
 
-    def __init__(self, engine: Engine, settings: Settings) -> None:
+    def __init__(self, engine: Engine, settings: Settings, metrics: Metrics) -> None:
         self.engine = engine
+        self.metrics = metrics
         b = settings.batching
         self.batcher = DynamicBatcher(engine, max_batch_size=b.max_batch_size,
                                       max_delay=b.max_delay_ms / 1e3, max_queue=b.max_queue)
@@ -131,9 +134,13 @@ class ConfidenceServicer(pb_grpc.ConfidenceServiceServicer):
                                   settings.server.max_image_pixels)
         self.max_batch_items = settings.server.max_batch_items
         self.gax = settings.gax
+        self.draining = False
+        """Set on SIGTERM: new requests get UNAVAILABLE while in-flight ones finish."""
         self._diagnoses = threading.BoundedSemaphore(settings.gax.max_concurrent)
 
     def _ensure_ready(self) -> None:
+        if self.draining:
+            raise NotReady("the server is shutting down; retry on another replica")
         if not self.engine.ready:
             raise NotReady("the model is still warming up")
 
@@ -145,8 +152,10 @@ class ConfidenceServicer(pb_grpc.ConfidenceServiceServicer):
         item = self.engine.resolve(request_to_item(request, self.engine.bundle, self.limits))
         decoded = time.perf_counter()
         result = self.batcher.check([item], timeout=context.time_remaining())[0]
+        total = time.perf_counter() - start
+        self.metrics.observe_check(result, result.timing.queue_ms, total)
         return result_to_response(result, request_id, decode_ms=(decoded - start) * 1e3,
-                                  total_ms=(time.perf_counter() - start) * 1e3)
+                                  total_ms=total * 1e3)
 
     @rpc_method
     def CheckBatch(self, request: pb.CheckBatchRequest, context: grpc.ServicerContext,
@@ -177,6 +186,10 @@ class ConfidenceServicer(pb_grpc.ConfidenceServiceServicer):
         results = self.batcher.check([item for _, _, item in good],
                                      timeout=context.time_remaining())
         total_ms = (time.perf_counter() - start) * 1e3
+        for result in results:
+            self.metrics.observe_check(result, result.timing.queue_ms, total_ms / 1e3)
+        if results:
+            self.metrics.batch_size.labels(self.metrics.model).observe(len(results))
         for (i, sub_id, _), result in zip(good, results, strict=True):
             responses[i] = result_to_response(result, sub_id, decode_ms=(decoded - start) * 1e3,
                                               total_ms=total_ms)
@@ -247,6 +260,9 @@ class ConfidenceServicer(pb_grpc.ConfidenceServiceServicer):
             return
         logits = engine.predict(torch.stack([image, image + last.heatmap]))
         names = engine.bundle.class_names
+        self.metrics.diagnose_duration.labels(self.metrics.model).observe(last.seconds)
+        self.metrics.diagnose_steps.labels(self.metrics.model,
+                                           str(last.reached_target).lower()).observe(last.step)
         log.info("diagnose_done", extra={"request_id": request_id, "steps": last.step,
                                          "reached_target": last.reached_target,
                                          "seconds": round(last.seconds, 3)})
@@ -261,25 +277,107 @@ class ConfidenceServicer(pb_grpc.ConfidenceServiceServicer):
     @rpc_method
     def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext,
                      request_id: str) -> pb.ModelInfo:
+        if self.draining:
+            raise NotReady("the server is shutting down; retry on another replica")
         return model_info(self.engine.bundle, self.engine.default_methods,
                           self.engine.calibration)
 
 
+class MetricsInterceptor(grpc.ServerInterceptor):
+    """Counts every RPC by method and status code, times it, and tracks in-flight RPCs."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self._active = 0
+        self._lock = threading.Lock()
+
+    @property
+    def active(self) -> int:
+        """RPCs being handled right now."""
+        return self._active
+
+    def _enter(self) -> None:
+        with self._lock:
+            self._active += 1
+        self.metrics.inflight.labels(self.metrics.model).inc()
+
+    def _record(self, method: str, context: grpc.ServicerContext, start: float,
+                failed: bool) -> None:
+        code = context.code() or (grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK)
+        if not isinstance(code, grpc.StatusCode):
+            code = grpc.StatusCode.UNKNOWN
+        self.metrics.rpcs.labels(method, code.name).inc()
+        self.metrics.rpc_duration.labels(method).observe(time.perf_counter() - start)
+        self.metrics.inflight.labels(self.metrics.model).dec()
+        with self._lock:
+            self._active -= 1
+
+    def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = continuation(details)
+        if handler is None or not (handler.unary_unary or handler.unary_stream):
+            return handler
+        method = details.method.rsplit("/", 1)[-1]
+
+        if handler.unary_unary:
+            inner = handler.unary_unary
+
+            def unary(request: Any, context: grpc.ServicerContext) -> Any:
+                start, failed = time.perf_counter(), True
+                self._enter()
+                try:
+                    response = inner(request, context)
+                    failed = False
+                    return response
+                finally:
+                    self._record(method, context, start, failed)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+
+        inner_stream = handler.unary_stream
+
+        def stream(request: Any, context: grpc.ServicerContext) -> Any:
+            start, failed = time.perf_counter(), True
+            self._enter()
+            try:
+                yield from inner_stream(request, context)
+                failed = False
+            finally:
+                self._record(method, context, start, failed)
+
+        return grpc.unary_stream_rpc_method_handler(
+            stream, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+
 def build_server(
-    settings: Settings, engine: Engine
+    settings: Settings, engine: Engine, registry: CollectorRegistry | None = None
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Return (server, bound port, health servicer); the server is not started yet.
 
-    Health starts NOT_SERVING; `start_serving` flips it after the warm-up.
+    Health starts NOT_SERVING; `start_serving` flips it after the warm-up. Metrics go to
+    `registry` (a fresh one when None); the server carries them as `axguard_metrics`.
     """
+    registry = registry if registry is not None else CollectorRegistry()
+    bundle = engine.bundle
+    metrics = Metrics(registry, model=bundle.name, class_names=bundle.class_names,
+                      max_class_labels=settings.metrics.max_class_labels)
+    calibration_id = engine.calibration.calibration_id if engine.calibration else ""
+    metrics.set_model(bundle.version, bundle.fingerprint, calibration_id)
     limit = settings.server.max_message_bytes
+    interceptor = MetricsInterceptor(metrics)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.server.max_workers,
                                    thread_name_prefix="axguard-rpc"),
+        interceptors=[interceptor],
         options=[("grpc.max_receive_message_length", limit),
                  ("grpc.max_send_message_length", limit)],
     )
-    servicer = ConfidenceServicer(engine, settings)
+    servicer = ConfidenceServicer(engine, settings, metrics)
+    registry.register(EngineCollector(engine, servicer.batcher, bundle.name))
+    server.axguard_metrics = metrics  # type: ignore[attr-defined]
+    server.axguard_interceptor = interceptor  # type: ignore[attr-defined]
     pb_grpc.add_ConfidenceServiceServicer_to_server(servicer, server)
     server.axguard_servicer = servicer  # type: ignore[attr-defined]  # for shutdown and tests
     health_servicer = health.HealthServicer()
@@ -308,6 +406,18 @@ def start_serving(
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
 
+def drain(server: grpc.Server, health_servicer: health.HealthServicer, grace: float) -> None:
+    """Shut down gracefully: NOT_SERVING at once, new RPCs UNAVAILABLE, in-flight RPCs get
+    up to `grace` seconds to finish, then the server stops (cancelling what is left)."""
+    log.info("draining", extra={"grace_seconds": grace})
+    health_servicer.enter_graceful_shutdown()
+    server.axguard_servicer.draining = True
+    deadline = time.monotonic() + grace
+    while server.axguard_interceptor.active and time.monotonic() < deadline:
+        time.sleep(0.02)
+    server.stop(max(deadline - time.monotonic(), 1.0)).wait()
+
+
 def configure_torch(settings: Settings) -> None:
     """Set torch's intra-op threads (default: one less than the usable cores, at least 1).
 
@@ -332,13 +442,20 @@ def serve(settings: Settings) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    metrics_http = None
+    if settings.metrics.enabled:
+        metrics_http, _ = start_http_server(settings.metrics.port, settings.metrics.host,
+                                            registry=server.axguard_metrics.registry)
+        log.info("metrics", extra={"address": f"{settings.metrics.host}:"
+                                              f"{metrics_http.server_port}"})
     start_serving(server, engine, health_servicer)
     log.info("serving", extra={"address": f"{settings.server.host}:{port}",
                                "model": engine.bundle.name})
     stop.wait()
-    log.info("draining", extra={"grace_seconds": settings.server.grace_seconds})
-    health_servicer.enter_graceful_shutdown()
-    server.stop(settings.server.grace_seconds).wait()
+    drain(server, health_servicer, settings.server.grace_seconds)
     server.axguard_servicer.batcher.close()
+    if metrics_http is not None:  # last, so the drain itself is visible to Prometheus
+        metrics_http.shutdown()
+        metrics_http.server_close()
     log.info("stopped")
     return 0

@@ -1,0 +1,38 @@
+# axguard: the confidence-check service, CPU build.
+#   docker build -t axguard .
+#   docker run -p 50051:50051 -p 9090:9090 axguard            # the bundled demo model
+# Your model: mount it and point the settings at it (see README "Deploying"):
+#   docker run -v $PWD/models:/models:ro -v $PWD/config:/config:ro \
+#     -e AXGUARD_CONFIG_FILE=/config/axguard.yaml axguard
+
+FROM python:3.11-slim-bookworm AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+# CPU-only torch wheels first (the default PyPI torch is a multi-GB CUDA build).
+RUN pip install --index-url https://download.pytorch.org/whl/cpu \
+        torch==2.14.1 torchvision==0.29.1
+COPY pyproject.toml README.md ./
+COPY service ./service
+COPY clients ./clients
+RUN pip install .
+
+FROM python:3.11-slim-bookworm
+LABEL org.opencontainers.image.title="axguard" \
+      org.opencontainers.image.description="gRPC confidence check for PyTorch image classifiers"
+RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin axguard \
+    && mkdir -p /models /config /calibration \
+    && chown 10001 /models /config /calibration
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    AXGUARD_SERVER__HOST=0.0.0.0 \
+    AXGUARD_METRICS__HOST=0.0.0.0
+USER 10001
+WORKDIR /home/axguard
+EXPOSE 50051 9090
+HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["axguard", "health", "--target", "localhost:50051", "--timeout", "3"]
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["axguard", "serve"]

@@ -1,0 +1,121 @@
+"""The container and the deployment files, checked with the real tools offline."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import gen_prometheusrule  # noqa: E402
+
+K8S = ROOT / "deploy" / "k8s"
+PROM = ROOT / "deploy" / "prometheus"
+BIN = Path(sys.executable).parent
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name) or (str(BIN / name) if (BIN / name).exists() else None)
+    assert path, f"{name} is not installed: `make test` installs it"
+    return path
+
+
+def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_dockerfile_passes_hadolint():
+    result = run(tool("hadolint"), "Dockerfile")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_essentials():
+    text = (ROOT / "Dockerfile").read_text()
+    assert text.count("FROM ") == 2  # multi-stage: no compilers in the final image
+    assert "download.pytorch.org/whl/cpu" in text
+    assert "USER 10001" in text and "EXPOSE 50051 9090" in text
+    assert "HEALTHCHECK" in text and '"axguard", "health"' in text
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert ".venv" in ignored and ".git" in ignored
+
+
+@pytest.mark.parametrize("target", ["base", "overlays/custom-model"])
+def test_kustomize_output_validates_against_kubernetes_schemas(target, tmp_path):
+    built = run(tool("kubectl"), "kustomize", str(K8S / target))
+    assert built.returncode == 0, built.stderr
+    out = tmp_path / "all.yaml"
+    out.write_text(built.stdout)
+    result = run(tool("kubernetes-validate"), "--strict", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    kinds = {d["kind"] for d in yaml.safe_load_all(built.stdout)}
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
+            "ServiceMonitor", "PrometheusRule"} <= kinds
+
+
+def test_every_manifest_file_validates():
+    files = [p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml"
+             and "patch" not in p.name and p.name != "axguard.yaml"]
+    result = run(tool("kubernetes-validate"), "--strict", *map(str, files))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def deployment(target: str = "base") -> dict:
+    built = run(tool("kubectl"), "kustomize", str(K8S / target)).stdout
+    return next(d for d in yaml.safe_load_all(built) if d["kind"] == "Deployment")
+
+
+def test_probes_security_and_drain_fit_together():
+    spec = deployment()["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == 50051
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"]
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert {p["name"] for p in container["ports"]} == {"grpc", "metrics"}
+    env = {e["name"]: e["value"] for e in container["env"]}
+    pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][1])
+    grace = float(env["AXGUARD_SERVER__GRACE_SECONDS"])
+    assert spec["terminationGracePeriodSeconds"] > pre_stop + grace
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+
+
+def test_overlay_mounts_model_config_and_calibration():
+    spec = deployment("overlays/custom-model")["spec"]["template"]["spec"]
+    mounts = {m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
+    assert {"/models", "/config", "/calibration", "/tmp"} <= mounts
+    config = (K8S / "overlays/custom-model/axguard.yaml").read_text()
+    from axguard.config import Settings
+
+    Settings.model_validate(yaml.safe_load(config))  # the example config is valid
+
+
+def test_prometheus_rules_pass_promtool_and_their_unit_tests():
+    promtool = tool("promtool")
+    checked = run(promtool, "check", "rules", "axguard-rules.yaml", cwd=PROM)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    tested = run(promtool, "test", "rules", "axguard-rules.test.yaml", cwd=PROM)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    assert "SUCCESS" in tested.stdout
+
+
+def test_prometheusrule_manifest_is_the_tested_rules_file():
+    assert (K8S / "base/prometheusrule.yaml").read_text() == gen_prometheusrule.render()
+
+
+def test_grafana_dashboard_queries_exported_metrics():
+    import json
+
+    dashboard = json.loads((ROOT / "deploy/grafana/axguard-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert exprs
+    for needed in ("axguard_flagged_total", "axguard_risk_score_bucket",
+                   "axguard_check_duration_seconds_bucket", "axguard_checks_total"):
+        assert any(needed in e for e in exprs), needed
