@@ -65,6 +65,7 @@ def test_checks_flags_and_rpc_codes_are_counted(server, demo_engine):
     assert value(server, "axguard_grpc_request_duration_seconds_count",
                  grpc_method="Check") == 5
     assert value(server, "axguard_inflight_requests", model=model) == 0
+    assert value(server, "axguard_batch_size_count", model=model) == 4
     assert value(server, "axguard_model_info", model=model, version="1",
                  fingerprint=demo_engine.bundle.fingerprint,
                  calibration_id=demo_engine.calibration.calibration_id) == 1

@@ -42,7 +42,8 @@ class Metrics:
         self.duration = Histogram("axguard_check_duration_seconds",
                                   "Seconds per check stage (batch stages per request).",
                                   ["model", "stage"], buckets=SECONDS_BUCKETS, registry=r)
-        self.batch_size = Histogram("axguard_batch_size", "Images per engine batch.",
+        self.batch_size = Histogram("axguard_batch_size",
+                                    "Engine batch size each checked image ran in.",
                                     ["model"], buckets=BATCH_BUCKETS, registry=r)
         self.diagnose_duration = Histogram("axguard_diagnose_duration_seconds",
                                            "Seconds per finished GAX diagnosis.", ["model"],
@@ -85,6 +86,7 @@ class Metrics:
                           ("attribution", t.attribution_ms), ("ax", t.ax_ms)):
             self.duration.labels(self.model, stage).observe(ms / 1e3)
         self.duration.labels(self.model, "total").observe(total_s)
+        self.batch_size.labels(self.model).observe(t.batch_size)
 
 
 class EngineCollector:

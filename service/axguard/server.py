@@ -188,8 +188,6 @@ class ConfidenceServicer(pb_grpc.ConfidenceServiceServicer):
         total_ms = (time.perf_counter() - start) * 1e3
         for result in results:
             self.metrics.observe_check(result, result.timing.queue_ms, total_ms / 1e3)
-        if results:
-            self.metrics.batch_size.labels(self.metrics.model).observe(len(results))
         for (i, sub_id, _), result in zip(good, results, strict=True):
             responses[i] = result_to_response(result, sub_id, decode_ms=(decoded - start) * 1e3,
                                               total_ms=total_ms)
