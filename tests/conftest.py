@@ -46,6 +46,21 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.fixture(scope="session")
+def hardest_wrong_digit(demo_bundle: ModelBundle) -> tuple[Image.Image, int]:
+    """The demo model's least confident wrong prediction on the test split: (image, label)."""
+    from axguard.demo.data import load_split
+
+    split = load_split("test")
+    x, y = split.tensors(demo_bundle.spec)
+    with torch.no_grad():
+        probs = torch.softmax(demo_bundle.network(x), dim=1)
+    wrong = (probs.argmax(dim=1) != y).nonzero().flatten()
+    assert len(wrong) > 0
+    hardest = int(wrong[probs[wrong].max(dim=1).values.argmin()])
+    return split.images[hardest], int(y[hardest])
+
+
 class RunningServer:
     """A real axguard server on 127.0.0.1 with its port and engine."""
 

@@ -180,6 +180,18 @@ def test_a_full_pool_refuses_at_once_and_cancel_frees_it(demo_engine, caplog):
             cancelled = [r for r in caplog.records if r.getMessage() == "diagnose_cancelled"]
             assert len(cancelled) == 2
             assert all(r.steps < 2000 for r in cancelled)
+            registry = server.server.axguard_metrics.registry
+
+            def cancelled_count() -> float:
+                return registry.get_sample_value("axguard_grpc_requests_total", {
+                    "grpc_method": "Diagnose", "grpc_code": "CANCELLED"}) or 0
+
+            deadline = time.time() + 10
+            while cancelled_count() < 2 and time.time() < deadline:
+                time.sleep(0.05)
+            assert cancelled_count() == 2
+            assert registry.get_sample_value("axguard_grpc_requests_total", {
+                "grpc_method": "Diagnose", "grpc_code": "RESOURCE_EXHAUSTED"}) == 1
             # The pool is free again.
             events = list(stub.Diagnose(pb.DiagnoseRequest(
                 image=pb.Image(encoded=DIGIT.read_bytes()), max_steps=3, target_co=1e9),
@@ -203,6 +215,14 @@ def test_deadline_stops_the_optimisation(demo_engine, caplog):
                 time.sleep(0.05)
             assert any(r.getMessage() == "diagnose_cancelled" for r in caplog.records)
             assert time.perf_counter() - started < 30
+            registry = server.server.axguard_metrics.registry
+            deadline = time.time() + 10
+            while time.time() < deadline and not registry.get_sample_value(
+                    "axguard_grpc_requests_total",
+                    {"grpc_method": "Diagnose", "grpc_code": "DEADLINE_EXCEEDED"}):
+                time.sleep(0.05)
+            assert registry.get_sample_value("axguard_grpc_requests_total", {
+                "grpc_method": "Diagnose", "grpc_code": "DEADLINE_EXCEEDED"}) == 1
     finally:
         server.stop()
 

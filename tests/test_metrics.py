@@ -12,7 +12,6 @@ import urllib.request
 
 import grpc
 import pytest
-import torch
 
 from axguard.metrics import Metrics
 from axguard_client import AxguardClient, InvalidArgument
@@ -31,19 +30,11 @@ def value(server, name: str, **labels: str) -> float:
     return registry.get_sample_value(name, labels) or 0.0
 
 
-def test_checks_flags_and_rpc_codes_are_counted(server, demo_engine):
-    from axguard.demo.data import load_split
-
-    split = load_split("test")
-    x, y = split.tensors(demo_engine.bundle.spec)
-    with torch.no_grad():
-        probs = torch.softmax(demo_engine.bundle.network(x), dim=1)
-    wrong = (probs.argmax(dim=1) != y).nonzero().flatten()
-    hardest = int(wrong[probs[wrong].max(dim=1).values.argmin()])
+def test_checks_flags_and_rpc_codes_are_counted(server, demo_engine, hardest_wrong_digit):
     with AxguardClient(server.target, timeout=60) as client:
         for _ in range(3):
             client.check(EXAMPLES / "digit_3.png")
-        flagged = client.check(png_bytes(split.images[hardest]))
+        flagged = client.check(png_bytes(hardest_wrong_digit[0]))
         assert flagged.verdict.likely_wrong
         with pytest.raises(InvalidArgument):
             client.check(b"junk")
@@ -180,13 +171,11 @@ def free_port() -> int:
 
 
 def test_real_prometheus_scrapes_the_flag_and_the_alert_expression_sees_it(
-        server, demo_engine, tmp_path):
+        server, hardest_wrong_digit, tmp_path):
     """Service + a real Prometheus on loopback: flagged checks reach Prometheus's API."""
     import shutil
 
     from prometheus_client import start_http_server
-
-    from axguard.demo.data import load_split
 
     prometheus = shutil.which("prometheus")
     assert prometheus, "prometheus is not installed: `make test` installs it"
@@ -213,12 +202,6 @@ def test_real_prometheus_scrapes_the_flag_and_the_alert_expression_sees_it(
 
     import urllib.parse
 
-    split = load_split("test")
-    x, y = split.tensors(demo_engine.bundle.spec)
-    with torch.no_grad():
-        probs = torch.softmax(demo_engine.bundle.network(x), dim=1)
-    wrong = (probs.argmax(dim=1) != y).nonzero().flatten()
-    hardest = int(wrong[probs[wrong].max(dim=1).values.argmin()])
     try:
         deadline = time.time() + 60
         with AxguardClient(server.target, timeout=60) as client:
@@ -226,7 +209,7 @@ def test_real_prometheus_scrapes_the_flag_and_the_alert_expression_sees_it(
             while time.time() < deadline:
                 for _ in range(5):
                     client.check(EXAMPLES / "digit_0.png")
-                response = client.check(png_bytes(split.images[hardest]))
+                response = client.check(png_bytes(hardest_wrong_digit[0]))
                 assert response.verdict.likely_wrong
                 flagged_class = response.prediction.class_name
                 try:

@@ -288,18 +288,10 @@ def test_verdict_over_grpc_equals_the_offline_calibration_code(client, demo_engi
         assert response.verdict.threshold == pytest.approx(artifact.threshold.value)
 
 
-def test_the_least_confident_wrong_test_digit_is_flagged(client, demo_engine):
+def test_the_least_confident_wrong_test_digit_is_flagged(client, hardest_wrong_digit):
     """A real mistake of the demo model, sent as a PNG, gets the flag."""
-    from axguard.demo.data import load_split
-
-    split = load_split("test")
-    x, y = split.tensors(demo_engine.bundle.spec)
-    with torch.no_grad():
-        probs = torch.softmax(demo_engine.bundle.network(x), dim=1)
-    wrong = (probs.argmax(dim=1) != y).nonzero().flatten()
-    assert len(wrong) > 0
-    hardest = int(wrong[probs[wrong].max(dim=1).values.argmin()])
-    response = client.check(png_bytes(split.images[hardest]))
-    assert response.prediction.class_index != int(y[hardest])
+    image, label = hardest_wrong_digit
+    response = client.check(png_bytes(image))
+    assert response.prediction.class_index != label
     assert response.verdict.likely_wrong
     assert response.verdict.risk > response.verdict.threshold

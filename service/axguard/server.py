@@ -300,8 +300,17 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         self.metrics.inflight.labels(self.metrics.model).inc()
 
     def _record(self, method: str, context: grpc.ServicerContext, start: float,
-                failed: bool) -> None:
-        code = context.code() or (grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK)
+                failed: bool, cancelled: bool = False) -> None:
+        # A call the client cancelled, or whose deadline passed, is no longer active.
+        ended = cancelled or not context.is_active()
+        remaining = context.time_remaining()
+        if ended and remaining is not None and remaining <= 0:
+            fallback = grpc.StatusCode.DEADLINE_EXCEEDED
+        elif ended:
+            fallback = grpc.StatusCode.CANCELLED
+        else:
+            fallback = grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
+        code = context.code() or fallback
         if not isinstance(code, grpc.StatusCode):
             code = grpc.StatusCode.UNKNOWN
         self.metrics.rpcs.labels(method, code.name).inc()
@@ -336,13 +345,16 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         inner_stream = handler.unary_stream
 
         def stream(request: Any, context: grpc.ServicerContext) -> Any:
-            start, failed = time.perf_counter(), True
+            start, failed, cancelled = time.perf_counter(), True, False
             self._enter()
             try:
                 yield from inner_stream(request, context)
                 failed = False
+            except GeneratorExit:  # the call ended (client cancelled or deadline)
+                cancelled = True
+                raise
             finally:
-                self._record(method, context, start, failed)
+                self._record(method, context, start, failed, cancelled)
 
         return grpc.unary_stream_rpc_method_handler(
             stream, request_deserializer=handler.request_deserializer,

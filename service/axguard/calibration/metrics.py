@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from scipy import stats
@@ -69,56 +69,48 @@ METRICS: dict[str, Metric] = {
 }
 
 
+def resamples(is_error: np.ndarray, n_resamples: int, seed: int) -> Iterator[np.ndarray]:
+    """Yield bootstrap index arrays over the predictions, skipping resamples that hold no
+    error or no correct prediction (every metric here is undefined there). The same seed
+    gives the same resamples, so intervals of different scores are paired."""
+    rng = np.random.default_rng(seed)
+    n = len(is_error)
+    for _ in range(n_resamples):
+        idx = rng.integers(0, n, n)
+        sample = is_error[idx]
+        if sample.any() and not sample.all():
+            yield idx
+
+
+def percentile_interval(values: list[float], level: float) -> tuple[float, float]:
+    """Return the central `level` percentile interval of bootstrap values (NaN if none)."""
+    if not values:
+        return (float("nan"), float("nan"))
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
 def bootstrap_intervals(
     is_error: np.ndarray, error_score: np.ndarray, *, n_resamples: int = 1000, seed: int = 0,
     level: float = 0.95,
 ) -> dict[str, tuple[float, float]]:
-    """Return the percentile bootstrap interval of every metric in METRICS.
-
-    The same seed gives the same resamples for every score, so intervals of different
-    scores on the same predictions are paired.
-    """
-    rng = np.random.default_rng(seed)
-    n = len(is_error)
+    """Return the percentile bootstrap interval of every metric in METRICS."""
     values: dict[str, list[float]] = {name: [] for name in METRICS}
-    for _ in range(n_resamples):
-        idx = rng.integers(0, n, n)
-        sample = is_error[idx]
-        if sample.all() or not sample.any():
-            continue
+    for idx in resamples(is_error, n_resamples, seed):
         for name, metric in METRICS.items():
-            values[name].append(metric(sample, error_score[idx]))
-    tail = (1 - level) / 2 * 100
-    out = {}
-    for name, vals in values.items():
-        low, high = np.percentile(vals, [tail, 100 - tail]) if vals else (np.nan, np.nan)
-        out[name] = (float(low), float(high))
-    return out
+            values[name].append(metric(is_error[idx], error_score[idx]))
+    return {name: percentile_interval(vals, level) for name, vals in values.items()}
 
 
 def bootstrap_interval(
     metric: Metric, is_error: np.ndarray, error_score: np.ndarray, *,
     n_resamples: int = 1000, seed: int = 0, level: float = 0.95,
 ) -> tuple[float, float]:
-    """Return the percentile bootstrap interval of a metric (resampling predictions).
-
-    Resamples that hold no error or no correct prediction are skipped (the metrics are
-    undefined there).
-    """
-    rng = np.random.default_rng(seed)
-    n = len(is_error)
-    values = []
-    for _ in range(n_resamples):
-        idx = rng.integers(0, n, n)
-        sample = is_error[idx]
-        if sample.all() or not sample.any():
-            continue
-        values.append(metric(sample, error_score[idx]))
-    if not values:
-        return (float("nan"), float("nan"))
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(values, [tail, 100 - tail])
-    return float(low), float(high)
+    """Return the percentile bootstrap interval of one metric (resampling predictions)."""
+    values = [metric(is_error[idx], error_score[idx])
+              for idx in resamples(is_error, n_resamples, seed)]
+    return percentile_interval(values, level)
 
 
 def paired_auroc_difference(
@@ -129,20 +121,12 @@ def paired_auroc_difference(
 
     `p_not_better` is the share of resamples where a does not beat b.
     """
-    rng = np.random.default_rng(seed)
-    n = len(is_error)
-    diffs = []
-    for _ in range(n_resamples):
-        idx = rng.integers(0, n, n)
-        sample = is_error[idx]
-        if sample.all() or not sample.any():
-            continue
-        diffs.append(auroc(sample, score_a[idx]) - auroc(sample, score_b[idx]))
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(diffs, [tail, 100 - tail]) if diffs else (np.nan, np.nan)
+    diffs = [auroc(is_error[idx], score_a[idx]) - auroc(is_error[idx], score_b[idx])
+             for idx in resamples(is_error, n_resamples, seed)]
+    low, high = percentile_interval(diffs, level)
     return {
         "difference": auroc(is_error, score_a) - auroc(is_error, score_b),
-        "low": float(low), "high": float(high),
+        "low": low, "high": high,
         "p_not_better": float(np.mean(np.asarray(diffs) <= 0)) if diffs else float("nan"),
     }
 
