@@ -288,6 +288,8 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         self.metrics = metrics
         self._active = 0
         self._lock = threading.Lock()
+        self.last_start = 0.0
+        """time.monotonic() when the latest RPC began."""
 
     @property
     def active(self) -> int:
@@ -297,6 +299,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
     def _enter(self) -> None:
         with self._lock:
             self._active += 1
+            self.last_start = time.monotonic()
         self.metrics.inflight.labels(self.metrics.model).inc()
 
     def _record(self, method: str, context: grpc.ServicerContext, start: float,
@@ -416,14 +419,21 @@ def start_serving(
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
 
+QUIET_SECONDS = 0.5
+
+
 def drain(server: grpc.Server, health_servicer: health.HealthServicer, grace: float) -> None:
     """Shut down gracefully: NOT_SERVING at once, new RPCs UNAVAILABLE, in-flight RPCs get
     up to `grace` seconds to finish, then the server stops (cancelling what is left)."""
     log.info("draining", extra={"grace_seconds": grace})
     health_servicer.enter_graceful_shutdown()
     server.axguard_servicer.draining = True
+    interceptor = server.axguard_interceptor
     deadline = time.monotonic() + grace
-    while server.axguard_interceptor.active and time.monotonic() < deadline:
+    # Stop only once nothing runs and no RPC arrived for QUIET_SECONDS: RPCs that reach the
+    # transport while it closes would get CANCELLED instead of our UNAVAILABLE.
+    while time.monotonic() < deadline and (
+            interceptor.active or time.monotonic() - interceptor.last_start < QUIET_SECONDS):
         time.sleep(0.02)
     server.stop(max(deadline - time.monotonic(), 1.0)).wait()
 
