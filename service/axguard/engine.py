@@ -9,7 +9,6 @@ the paper's labelled κ.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import threading
@@ -25,7 +24,7 @@ from .calibration import flag
 from .calibration.artifact import CalibrationArtifact, check_matches
 from .errors import ConfigError, InvalidInput
 from .gax import GaxOptions, GaxStep
-from .model import ModelBundle
+from .model import ModelBundle, shared_copy
 from .sharedpass import SHARED_METHODS, SharedPass
 
 log = logging.getLogger(__name__)
@@ -377,12 +376,13 @@ class Engine:
 
     @property
     def _gax_network(self) -> torch.nn.Module:
-        """A private copy of the network that no hook ever touches, so GAX needs no lock."""
+        """A copy of the network (sharing its weights) that no hook ever touches, so GAX
+        needs no lock."""
         if self._gax_copy is None:
             with self._lock:
                 if self._gax_copy is None:
                     self._gax_copy = (self.bundle.network if self.bundle.torchscript
-                                      else copy.deepcopy(self.bundle.network))
+                                      else shared_copy(self.bundle.network))
         return self._gax_copy
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:

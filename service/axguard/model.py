@@ -6,6 +6,7 @@ tensor the engine sees is pixel space, float32 in [0, 1] (DESIGN 1.1).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib
 import inspect
@@ -135,11 +136,17 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-class _Relu(nn.Module):
-    """A plain non-inplace ReLU module (one per call site), for hook-based attribution."""
+def shared_copy(network: nn.Module) -> nn.Module:
+    """Return a copy of the module tree that shares the parameters and buffers of `network`.
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(x)
+    Hooks registered on one tree do not touch the other, and no weight memory is doubled.
+    The copy's parameters are frozen, like the served network's.
+    """
+    copied = copy.deepcopy(network)
+    copied.load_state_dict(network.state_dict(), assign=True)
+    for param in copied.parameters():
+        param.requires_grad_(False)
+    return copied
 
 
 def make_relus_unique(network: nn.Module) -> nn.Module:

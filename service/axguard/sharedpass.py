@@ -13,11 +13,12 @@ the parameters of the served network and is only used under the engine's lock.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .model import shared_copy
 
 SHARED_METHODS = ("saliency", "deconvolution", "guided_backprop", "input_x_gradient")
 _RULE = {"saliency": "plain", "input_x_gradient": "plain", "deconvolution": "deconvolution",
@@ -66,11 +67,7 @@ class SharedPass:
 
     def __init__(self, network: nn.Module) -> None:
         self.rule = _Rule()
-        shared = copy.deepcopy(network)
-        # Share the served network's parameters and buffers instead of copying them.
-        shared.load_state_dict(network.state_dict(), assign=True)
-        for param in shared.parameters():
-            param.requires_grad_(False)
+        shared = shared_copy(network)
         self.relus = 0
         for name, module in list(shared.named_modules()):
             if isinstance(module, nn.ReLU):
