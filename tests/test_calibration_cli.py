@@ -212,3 +212,11 @@ def test_round_trip_calibrate_serve_check(artifact_path, demo_bundle, folders):
     assert response.verdict.calibration_id == artifact.calibration_id
     assert response.verdict.risk == pytest.approx(offline.verdict.risk, rel=1e-5, abs=1e-7)
     assert response.verdict.likely_wrong == offline.verdict.likely_wrong
+
+
+def test_an_unknown_ax_process_in_methods_is_a_clear_error(tmp_path, capsys):
+    code = main(["calibrate", "--data", "builtin:digits", "--out", str(tmp_path / "c.json"),
+                 "--methods", "saliency:divide"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "methods: unknown AX process 'divide'" in err and "sum, product" in err

@@ -172,6 +172,8 @@ def parse_pairs(value: str) -> list[tuple[str, str]]:
     """Return (method, process) pairs for --methods: default, all, or m:p,m:p."""
     from .attribution import get_method
     from .calibration.calibrate import DEFAULT_PAIRS, all_pairs
+    from .errors import InvalidInput
+    from .scoring import AX_PROCESSES
 
     if value == "default":
         return list(DEFAULT_PAIRS)
@@ -181,8 +183,9 @@ def parse_pairs(value: str) -> list[tuple[str, str]]:
     for token in _split_methods(value):
         method, _, process = token.partition(":")
         get_method(method)
-        if (process or "sum") not in ("sum", "product"):
-            raise ValueError(f"unknown AX process {process!r} in {token!r}")
+        if (process or "sum") not in AX_PROCESSES:
+            raise InvalidInput(f"unknown AX process {process!r} in {token!r}; valid: "
+                               f"{', '.join(AX_PROCESSES)}", field="methods")
         pairs.append((method, process or "sum"))
     return pairs
 

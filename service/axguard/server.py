@@ -138,10 +138,11 @@ class ConfidenceServicer(pb_grpc.ConfidenceServiceServicer):
         """Set on SIGTERM: new requests get UNAVAILABLE while in-flight ones finish."""
         self._diagnoses = threading.BoundedSemaphore(settings.gax.max_concurrent)
 
-    def _ensure_ready(self) -> None:
+    def _ensure_ready(self, *, warm: bool = True) -> None:
+        """Raise NotReady while draining, or (if `warm`) before the warm-up finished."""
         if self.draining:
             raise NotReady("the server is shutting down; retry on another replica")
-        if not self.engine.ready:
+        if warm and not self.engine.ready:
             raise NotReady("the model is still warming up")
 
     @rpc_method
@@ -275,8 +276,7 @@ class ConfidenceServicer(pb_grpc.ConfidenceServiceServicer):
     @rpc_method
     def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext,
                      request_id: str) -> pb.ModelInfo:
-        if self.draining:
-            raise NotReady("the server is shutting down; retry on another replica")
+        self._ensure_ready(warm=False)  # the description is valid before the warm-up
         return model_info(self.engine.bundle, self.engine.default_methods,
                           self.engine.calibration)
 

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from ..attribution import list_methods
 from ..engine import CheckItem, Engine
 from ..errors import InvalidInput
+from ..scoring import AX_PROCESSES
 from . import metrics as m
 from .artifact import (
     CalibrationArtifact,
@@ -32,7 +33,7 @@ from .artifact import (
 )
 from .datasets import LabelledImages
 from .features import LOGIT_FEATURES, co_feature_name, error_sign
-from .flag import features_of
+from .flag import features_of, flags
 from .risk import MIN_ERRORS_FOR_SELECTION, predict_risk, select_risk_model
 from .thresholds import GuaranteeUnavailable, error_recall_threshold, false_alarm_threshold
 
@@ -41,7 +42,7 @@ DEFAULT_PAIRS = (("saliency", "sum"), ("deconvolution", "sum"))
 
 def all_pairs() -> list[tuple[str, str]]:
     """Return every method with SUM and PRODUCT (`--methods all`)."""
-    return [(spec.name, p) for spec in list_methods() for p in ("sum", "product")]
+    return [(spec.name, p) for spec in list_methods() for p in AX_PROCESSES]
 
 
 @dataclass
@@ -162,14 +163,13 @@ def calibrate(
     held_error = is_error[held]
     if mode == "false_alarm":
         rule = false_alarm_threshold(risk[held][~held_error], beta, delta)
-        flagged = risk > rule.value
         target = beta
     elif mode == "error_recall":
         rule = error_recall_threshold(risk[held][held_error], recall, delta)
-        flagged = risk >= rule.value
         target = recall
     else:
         raise ValueError(f"unknown mode {mode!r}")
+    flagged = flags(mode, rule.value, risk)
     threshold = ThresholdInfo(
         mode=mode, target=target, delta=delta, value=rule.value, order_index=rule.order_index,
         n_used=rule.n, violation_probability=rule.violation_probability,

@@ -24,14 +24,14 @@ def features_of(logits: np.ndarray, co_scores: dict[tuple[str, str], np.ndarray]
     return features
 
 
-def flags(artifact: CalibrationArtifact, risk: np.ndarray) -> np.ndarray:
-    """Return the "likely wrong" flags for risks, by the artifact's threshold rule."""
-    t = artifact.threshold.value
-    return risk > t if artifact.threshold.mode == "false_alarm" else risk >= t
+def flags(mode: str, threshold: float, risk: np.ndarray) -> np.ndarray:
+    """Return the "likely wrong" flags: risk > t in false-alarm mode, risk ≥ t in
+    error-recall mode (the order-statistic rules of calibration/thresholds.py)."""
+    return risk > threshold if mode == "false_alarm" else risk >= threshold
 
 
 def verdicts(artifact: CalibrationArtifact, features: dict[str, np.ndarray]
              ) -> tuple[np.ndarray, np.ndarray]:
     """Return (risk (N,), likely_wrong (N,) bool) for label-free features."""
     risk = predict_risk(artifact.risk_model, features)
-    return risk, flags(artifact, risk)
+    return risk, flags(artifact.threshold.mode, artifact.threshold.value, risk)
