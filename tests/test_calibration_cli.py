@@ -15,6 +15,7 @@ from axguard.cli import main
 from axguard.demo.data import export_pngs
 from axguard.engine import CheckItem, Engine
 from axguard.errors import ConfigError
+from axguard.verdict import Family
 from conftest import ROOT
 
 AXGUARD = [sys.executable, "-m", "axguard.cli"]
@@ -101,8 +102,7 @@ def test_evaluate_exits_non_zero_when_the_promise_is_broken(folders, artifact_pa
                                                            capsys):
     # A threshold of 0 flags everything: the false-alarm promise is then plainly broken.
     artifact = load_artifact(artifact_path)
-    broken = artifact.model_copy(update={"threshold": artifact.threshold.model_copy(
-        update={"value": 0.0})})
+    broken = artifact.with_threshold(0.0)
     path = save_artifact(broken, tmp_path / "broken.json") and tmp_path / "broken.json"
     code = main(["evaluate", "--data", str(folders["test"]), "--calibration", str(path),
                  "--bootstrap", "20"])
@@ -123,8 +123,15 @@ def test_a_mismatched_artifact_refuses_to_load(artifact_path, demo_bundle, tmp_p
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2
     assert "recalibrate" in proc.stderr and "Traceback" not in proc.stderr
+    old = tmp_path / "old.json"
+    old.write_text("{\"schema_version\": 1, \"risk_model\": {}}")
+    proc = subprocess.run([*serve, "--calibration", str(old)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "calibration:" in proc.stderr and "schema version 1" in proc.stderr
+    assert "recalibrate with `axguard calibrate" in proc.stderr
     broken = tmp_path / "broken.json"
-    broken.write_text("{\"schema_version\": 1}")
+    broken.write_text("{\"schema_version\": 2}")
     proc = subprocess.run([*serve, "--calibration", str(broken)],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2 and "cannot load calibration" in proc.stderr
@@ -144,11 +151,20 @@ def test_a_calibration_needing_hooks_refuses_a_torchscript_model(demo_calibratio
         torch.jit.script(demo_bundle.network[1]).save(str(path))
     bundle = load_bundle(str(path), spec=demo_bundle.spec, class_names=demo_bundle.class_names,
                          weights=None)
-    same_fingerprint = demo_calibration.model_copy(update={"model": demo_calibration.model
-                                                   .model_copy(update={"fingerprint":
-                                                                       bundle.fingerprint})})
+    # A risk model that uses the Deconvolution counterfactual needs hooks.
+    families = [Family(name="msp"), Family(name="counterfactual", method="deconvolution")]
+    flag = demo_calibration.flag.model_copy(update={"families": families})
+    same_fingerprint = demo_calibration.model_copy(update={
+        "flag": flag,
+        "model": demo_calibration.model.model_copy(update={"fingerprint": bundle.fingerprint})})
     with pytest.raises(ConfigError, match="deconvolution"):
         Engine(bundle, default_methods=["saliency"], calibration=same_fingerprint)
+    # The same family with Saliency works on TorchScript (gradients need no hooks).
+    saliency = [Family(name="msp"), Family(name="counterfactual", method="saliency")]
+    engine = Engine(bundle, default_methods=["saliency"], calibration=same_fingerprint.model_copy(
+        update={"flag": flag.model_copy(update={"families": saliency})}))
+    result = engine.check([CheckItem(torch.rand(bundle.spec.shape), verdict_only=True)])[0]
+    assert result.verdict.calibrated and engine.captum_calls == {}
 
 
 def test_bundled_calibration_belongs_to_the_bundled_model(demo_calibration, demo_bundle):

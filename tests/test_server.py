@@ -38,6 +38,7 @@ DIGITS = sorted(EXAMPLES.glob("digit_*.png"))
 
 
 def test_check_on_every_example_digit_is_correct(client):
+    flagged = 0
     for path in DIGITS:
         response = client.check(path, request_id=f"id-{path.stem}")
         assert response.request_id == f"id-{path.stem}"
@@ -47,10 +48,14 @@ def test_check_on_every_example_digit_is_correct(client):
         assert all(s.ax_process == pb.AX_PROCESS_SUM for s in response.co_scores)
         assert all(not s.HasField("labelled_score") for s in response.co_scores)
         assert response.verdict.calibrated
-        assert not response.verdict.likely_wrong  # confidently right digits
+        v = response.verdict
+        assert v.likely_wrong == (v.risk > v.threshold)  # false-alarm mode: risk > t
+        flagged += v.likely_wrong
         assert response.verdict.calibration_id.startswith("cal-")
         assert len(response.prediction.logits) == 10
         assert response.timing.total_ms >= response.timing.forward_ms > 0
+    # All ten are right; at β = 0.05 the flag may fire on an unsure one (digit_1: p 0.86).
+    assert flagged <= 2
 
 
 def test_check_over_grpc_equals_the_engine_offline(client, demo_engine):
@@ -108,7 +113,7 @@ def test_get_model_info(client, demo_engine):
     assert summary.n_images == 359 and summary.n_errors == demo_engine.calibration.data.n_errors
     assert summary.threshold == pytest.approx(demo_engine.calibration.threshold.value)
     assert 0.5 < summary.auroc_msp <= 1 and 0.5 < summary.auroc_risk <= 1
-    assert list(summary.risk_features) == demo_engine.calibration.risk_model.features
+    assert list(summary.risk_features) == demo_engine.calibration.flag.risk_model.features
     assert info.device == "cpu"
 
 
@@ -272,20 +277,21 @@ def test_converters_round_trip(demo_engine):
 
 def test_verdict_over_grpc_equals_the_offline_calibration_code(client, demo_engine):
     """Round trip: the served verdict is what calibration's own functions compute."""
-    from axguard.calibration.flag import features_of, verdicts
-
     artifact = demo_engine.calibration
     for path in DIGITS[:4]:
-        response = client.check(path, methods=["saliency"])  # verdict needs deconvolution too
+        response = client.check(path, methods=["saliency"])
         assert [method_name(s.method) for s in response.co_scores] == ["saliency"]
         image = decode_image(path.read_bytes(), demo_engine.bundle.spec, max_pixels=10**7)
-        pairs = [(p.method, p.ax_process) for p in artifact.pairs]
-        offline = demo_engine.check([CheckItem(image, [m for m, _ in pairs])])[0]
-        co = {(s.method, s.ax_process): np.array([s.score]) for s in offline.scores}
-        risk, wrong = verdicts(artifact, features_of(np.array([offline.logits]), co))
+        _, batch = demo_engine.check_with_evidence([CheckItem(image, verdict_only=True)])
+        risk, wrong, features = artifact.flag.verdicts(batch)
         assert response.verdict.risk == pytest.approx(float(risk[0]), rel=1e-5, abs=1e-7)
         assert response.verdict.likely_wrong == bool(wrong[0])
         assert response.verdict.threshold == pytest.approx(artifact.threshold.value)
+        assert dict(response.verdict.features) == pytest.approx(
+            {k: float(v[0]) for k, v in features.items()}, rel=1e-6)
+    # verdict_only: the prediction and the verdict, no scores.
+    only = client.check(DIGITS[0], verdict_only=True)
+    assert only.verdict.calibrated and len(only.co_scores) == 0
 
 
 def test_the_least_confident_wrong_test_digit_is_flagged(client, hardest_wrong_digit):

@@ -14,6 +14,8 @@ from typing import Any
 
 from axguard_client.cli import add_client_commands
 
+from .verdict import DEFAULT_FAMILIES, EPSILON_GRID
+
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
     """The options that pick and describe the model (shared by serve, calibrate, evaluate)."""
@@ -38,6 +40,9 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--name", dest="model.name")
     model.add_argument("--model-version", dest="model.version")
     model.add_argument("--device", dest="model.device", help="cpu, cuda or cuda:N")
+    model.add_argument("--views", dest="model.views", type=_split_methods,
+                       help="test-time views the model is invariant to, for the views "
+                            "evidence family: hflip, vflip, shift:DX:DY, rotate:DEG, scale:F")
     attr = parser.add_argument_group("attribution")
     attr.add_argument("--grad-cam-layer", dest="attribution.grad_cam_layer")
     parser.add_argument("--log-level", dest="log_level",
@@ -46,6 +51,15 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
 
 def _split_methods(value: str) -> list[str]:
     return [m.strip() for m in value.split(",") if m.strip()]
+
+
+def _split_floats(value: str) -> list[float]:
+    try:
+        return [float(v) for v in _split_methods(value)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected numbers separated by commas: {value!r}") from None
+
 
 
 def _serve_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -82,6 +96,16 @@ def _calibrate_parser(subparsers: argparse._SubParsersAction) -> None:
     cal.add_argument("--methods", default="default",
                      help="'default' (saliency,deconvolution with SUM), 'all' (six methods, "
                           "SUM and PRODUCT) or method:process pairs, e.g. saliency:sum")
+    cal.add_argument("--families", default=",".join(DEFAULT_FAMILIES), type=_split_methods,
+                     help="evidence families offered to the risk model (msp is always in): "
+                          "logit, boundary, counterfactual, perturbation, views, co (default "
+                          "all but views; views is added when --views names some)")
+    cal.add_argument("--epsilons", default=",".join(f"{e:g}" for e in EPSILON_GRID),
+                     type=_split_floats,
+                     help="perturbation steps to pick from, each in (0, 1)")
+    cal.add_argument("--folds", type=int, default=5, help="cross-fitting folds (default 5)")
+    cal.add_argument("--repeats", type=int, default=2,
+                     help="cross-fitting repeats with new folds (default 2)")
     cal.add_argument("--false-alarm-rate", type=float, default=0.05, dest="beta",
                      help="false-alarm mode: most share of correct predictions flagged "
                           "(default 0.05)")
@@ -120,7 +144,8 @@ def _report_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 COMMAND_OPTIONS = {"handler", "command", "config", "data", "out", "methods", "beta", "recall",
-                   "delta", "fit_fraction", "gax_percentile", "bootstrap", "batch_size", "seed"}
+                   "delta", "fit_fraction", "gax_percentile", "bootstrap", "batch_size", "seed",
+                   "families", "epsilons", "folds", "repeats"}
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -204,6 +229,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
         images = load_labelled_images(args.data, bundle.class_names)
         artifact = calibrate(
             engine, images, pairs=pairs,
+            families=args.families, epsilons=args.epsilons, views=settings.model.views,
+            folds=args.folds, repeats=args.repeats,
             mode="error_recall" if args.recall is not None else "false_alarm",
             beta=args.beta, recall=args.recall or 0.9, delta=args.delta,
             fit_fraction=args.fit_fraction, seed=args.seed,
@@ -214,7 +241,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
         t = artifact.threshold
         print(f"wrote {args.out} ({artifact.calibration_id}): {artifact.data.n_images} images, "
               f"{artifact.data.n_errors} wrong; threshold {t.value:.4f} ({t.mode} "
-              f"{t.target}, delta {t.delta}); risk features {artifact.risk_model.features}")
+              f"{t.target}, delta {t.delta}); families kept "
+              f"{[f.key for f in artifact.flag.families]}")
         for note in artifact.notes:
             print(f"  note: {note}")
         print("methods ranked by label-free AUROC: " + ", ".join(

@@ -51,6 +51,23 @@ class ModelSettings(BaseModel):
     """Torch device: "cpu", "cuda" or "cuda:N"."""
     torch_threads: int | None = Field(default=None, ge=1)
     """Intra-op threads of torch; default: the usable CPU cores minus one (at least 1)."""
+    views: list[str] = Field(default_factory=list)
+    """Test-time views the model is invariant to, offered to calibration as the "views"
+    evidence family: "hflip", "vflip", "shift:DX:DY", "rotate:DEGREES", "scale:FACTOR".
+    Empty (the default) turns the family off: a view the model was not trained for hurts."""
+
+    @field_validator("views")
+    @classmethod
+    def _known_views(cls, value: list[str]) -> list[str]:
+        from .errors import ConfigError
+        from .evidence import parse_view
+
+        for text in value:
+            try:
+                parse_view(text)
+            except ConfigError as err:
+                raise ValueError(str(err)) from None
+        return value
 
 
 class AttributionSettings(BaseModel):

@@ -112,6 +112,7 @@ def request_to_item(
         label=request.label if request.HasField("label") else None,
         return_heatmaps=request.return_heatmaps,
         prediction_only=request.prediction_only,
+        verdict_only=request.verdict_only,
     )
 
 
@@ -124,6 +125,7 @@ def item_to_request(item: CheckItem, request_id: str = "") -> pb.CheckRequest:
         ax_processes=[AX_PROCESS_VALUE[p] for p in item.ax_processes],
         return_heatmaps=item.return_heatmaps,
         prediction_only=item.prediction_only,
+        verdict_only=item.verdict_only,
     )
     if item.label is not None:
         request.label = item.label
@@ -151,7 +153,8 @@ def result_to_response(
         ),
         co_scores=scores,
         verdict=pb.Verdict(calibrated=v.calibrated, likely_wrong=v.likely_wrong, risk=v.risk,
-                           threshold=v.threshold, calibration_id=v.calibration_id),
+                           threshold=v.threshold, calibration_id=v.calibration_id,
+                           features=v.features),
         heatmaps={name: tensor_to_proto(h) for name, h in result.heatmaps.items()},
         timing=pb.Timing(
             decode_ms=decode_ms, forward_ms=result.timing.forward_ms,
@@ -183,7 +186,8 @@ def response_to_result(response: pb.CheckResponse) -> CheckResult:
             for s in response.co_scores
         ],
         heatmaps={name: tensor_from_proto(t) for name, t in response.heatmaps.items()},
-        verdict=Verdict(v.calibrated, v.likely_wrong, v.risk, v.threshold, v.calibration_id),
+        verdict=Verdict(v.calibrated, v.likely_wrong, v.risk, v.threshold, v.calibration_id,
+                        dict(v.features)),
         timing=StageTiming(response.timing.forward_ms, response.timing.attribution_ms,
                            response.timing.ax_ms, response.timing.queue_ms,
                            response.timing.batch_size),
@@ -198,10 +202,11 @@ def calibration_summary(artifact: CalibrationArtifact) -> pb.CalibrationSummary:
         target=t.target, delta=t.delta, threshold=t.value,
         achieved_false_alarm_rate=t.achieved_false_alarm_rate,
         achieved_error_recall=t.achieved_error_recall,
-        auroc_risk=artifact.metric("risk", "threshold_split").auroc.value,
-        auroc_msp=artifact.metric("msp", "threshold_split").auroc.value,
+        auroc_risk=artifact.metric("risk", "out_of_fold").auroc.value,
+        auroc_msp=artifact.metric("msp", "out_of_fold").auroc.value,
         n_images=artifact.data.n_images, n_errors=artifact.data.n_errors,
-        risk_features=artifact.risk_model.features, gax_target=artifact.gax_target,
+        risk_features=artifact.flag.risk_model.features, gax_target=artifact.gax_target,
+        families=[f.key for f in artifact.flag.families],
         data_source=artifact.data.source,
     )
 

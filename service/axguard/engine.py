@@ -1,10 +1,13 @@
-"""The engine: a batch of images in, predictions and CO scores out. Knows nothing of gRPC.
+"""The engine: a batch of images in, predictions, CO scores and verdicts out. No gRPC.
 
-Per batch: one forward of x; per method one attribution call for the images that asked for
-it (target = the predicted class); the heatmaps are normalised by their global max|h|; then
-every AX input (for every method and AX process) goes through one batched forward, and the
-CO score (paper eq. 5) is computed label-free (κ from ŷ) and, where a label was given, with
-the paper's labelled κ.
+Per batch: one forward of x (recorded when any gradient is needed); every backward pass
+the batch needs (heatmaps of ŷ per method, heatmaps of the runner-up class and input
+gradients for the verdict's evidence) from that one recorded forward; the heatmaps are
+normalised by their global max|h|; then every extra input (AX inputs of each requested
+method/AX-process pair, the verdict's counterfactuals, perturbations and views) goes
+through one batched forward. CO scores (paper eq. 5) are label-free (κ from ŷ) and, where a
+label was given, also the paper's labelled score. The verdict computes exactly the evidence
+families of the loaded calibration (verdict.py).
 """
 
 from __future__ import annotations
@@ -19,18 +22,20 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import attribution, gax, scoring
-from .calibration import flag
+from . import attribution, evidence, gax, scoring
 from .calibration.artifact import CalibrationArtifact, check_matches
 from .errors import ConfigError, InvalidInput
 from .gax import GaxOptions, GaxStep
 from .model import ModelBundle, shared_copy
-from .sharedpass import SHARED_METHODS, SharedPass
+from .sharedpass import SharedPass, finish_heatmap, rule_of
+from .verdict import Evidence, Family
 
 log = logging.getLogger(__name__)
 
 AX_PROCESS_NAMES = tuple(scoring.AX_PROCESSES)
 DEFAULT_AX_PROCESSES = ("sum",)
+EXTRA_FORWARD_CHUNK = 256
+"""Most images in one forward of the extra inputs (bounds peak memory)."""
 
 
 @dataclass
@@ -47,6 +52,16 @@ class CheckItem:
     return_heatmaps: bool = False
     prediction_only: bool = False
     """Only the prediction: no heatmaps, scores or verdict."""
+    verdict_only: bool = False
+    """The prediction and the verdict: no CO scores or heatmaps beyond what it needs."""
+    pairs: Sequence[tuple[str, str]] = ()
+    """Explicit (method, AX process) pairs; when given, instead of methods × ax_processes."""
+
+    def asked_pairs(self) -> list[tuple[str, str]]:
+        """Return the (method, process) pairs whose scores this item reports, in order."""
+        if self.pairs:
+            return list(self.pairs)
+        return [(m, p) for m in self.methods for p in self.ax_processes]
 
 
 @dataclass
@@ -71,6 +86,8 @@ class Verdict:
     risk: float = 0.0
     threshold: float = 0.0
     calibration_id: str = ""
+    features: dict[str, float] = field(default_factory=dict)
+    """The label-free features the risk model used."""
 
 
 @dataclass
@@ -97,6 +114,55 @@ class CheckResult:
     heatmaps: dict[str, torch.Tensor] = field(default_factory=dict)
     verdict: Verdict = field(default_factory=Verdict)
     timing: StageTiming = field(default_factory=StageTiming)
+
+
+@dataclass(frozen=True)
+class EvidencePlan:
+    """The evidence a batch computes for the verdict, beyond the logits."""
+
+    boundary: bool = False
+    counterfactual: tuple[str, ...] = ()
+    """Methods whose runner-up heatmap h₂ and own heatmap h feed counterfactual inputs."""
+    epsilons: tuple[float, ...] = ()
+    """Perturbation steps."""
+    views: tuple[str, ...] = ()
+    co_pairs: tuple[tuple[str, str], ...] = ()
+    """(method, AX process) pairs whose label-free CO scores the verdict uses."""
+
+    @classmethod
+    def of(cls, families: Sequence[Family]) -> EvidencePlan:
+        """Return the plan that computes exactly the given families."""
+        return cls(
+            boundary=any(f.name == "boundary" for f in families),
+            counterfactual=tuple(dict.fromkeys(
+                str(f.method) for f in families if f.name == "counterfactual")),
+            epsilons=tuple(dict.fromkeys(
+                float(f.epsilon or 0) for f in families if f.name == "perturbation")),
+            views=tuple(dict.fromkeys(v for f in families if f.name == "views"
+                                      for v in f.views)),
+            co_pairs=tuple(dict.fromkeys((p.method, p.ax_process) for f in families
+                                         if f.name == "co" for p in f.pairs)),
+        )
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """Every attribution method the plan needs."""
+        return tuple(dict.fromkeys((*self.counterfactual, *(m for m, _ in self.co_pairs))))
+
+
+@dataclass
+class _Heatmaps:
+    """Normalised heatmaps of one method for some rows of the batch."""
+
+    rows: list[int]
+    raw: torch.Tensor
+    normalised: torch.Tensor
+    zero: torch.Tensor
+
+    def of(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (normalised, zero) for a subset of this object's rows."""
+        index = [self.rows.index(i) for i in rows]
+        return self.normalised[index], self.zero[index]
 
 
 class Engine:
@@ -130,22 +196,26 @@ class Engine:
         """Images whose heatmap came from Captum itself, by method: DeepLift and Grad-CAM
         always, the shared-pass methods only where the shared path is off or impossible
         (TorchScript)."""
-        self._shared = (SharedPass(bundle.network)
-                        if shared_pass and not bundle.torchscript else None)
+        # One recorded forward serves every backward pass; TorchScript has only the
+        # ordinary gradient rule (no ReLU modules to switch).
+        self._pass = SharedPass(bundle.network, switchable=not bundle.torchscript)
+        self._shared_heatmaps = shared_pass
         self.zero_heatmaps: dict[str, int] = {}
         """All-zero heatmaps seen so far, by method (their scores were set to 0)."""
+        self.backward_passes = 0
+        """Backward passes run so far (a plan without gradient evidence adds none)."""
         self.calibration = calibration
-        # The verdict needs the calibration's scores whatever a request asks for.
-        self._calibration_methods: tuple[str, ...] = ()
-        self._calibration_processes: tuple[str, ...] = ()
+        self.plan = EvidencePlan()
+        """What the verdict needs; empty without a calibration."""
         if calibration is not None:
             check_matches(calibration, bundle.fingerprint, self.available)
-            self._calibration_methods = tuple(dict.fromkeys(p.method for p in calibration.pairs))
-            self._calibration_processes = tuple(
-                dict.fromkeys(p.ax_process for p in calibration.pairs))
-        # Build the needed methods now so configuration errors surface at start-up.
-        for name in (*self.default_methods, *self._calibration_methods):
+            self.plan = EvidencePlan.of(calibration.flag.families)
+        self._views: dict[str, evidence.ViewSpec] = {}
+        # Build the needed methods and views now so configuration errors surface at start-up.
+        for name in (*self.default_methods, *self.plan.methods):
             self._heatmap_fn(name)
+        for text in self.plan.views:
+            self._view(text)
 
     def _heatmap_fn(self, name: str) -> attribution.HeatmapFn:
         if name not in self._heatmap_fns:
@@ -153,6 +223,11 @@ class Engine:
             attribution.check_available(spec, self.bundle)
             self._heatmap_fns[name] = spec.build(self.bundle)
         return self._heatmap_fns[name]
+
+    def _view(self, text: str) -> evidence.ViewSpec:
+        if text not in self._views:
+            self._views[text] = evidence.parse_view(text)
+        return self._views[text]
 
     def resolve(self, item: CheckItem) -> CheckItem:
         """Return the item with defaults filled in and every option validated.
@@ -167,136 +242,161 @@ class Engine:
                                field="image")
         if not torch.isfinite(image).all():
             raise InvalidInput("contains NaN or Inf", field="image")
+        if item.label is not None and not 0 <= item.label < self.bundle.num_classes:
+            raise InvalidInput(
+                f"{item.label} is out of range [0, {self.bundle.num_classes - 1}]",
+                field="label",
+            )
         if item.prediction_only:
-            return CheckItem(image, (), (), None, False, True)
-        methods = tuple(dict.fromkeys(item.methods)) or self.default_methods
+            return CheckItem(image, (), (), item.label, False, True)
+        if item.verdict_only:
+            return CheckItem(image, (), (), item.label, False, False, True)
+        pairs = tuple(dict.fromkeys(item.pairs))
+        methods = (tuple(dict.fromkeys(m for m, _ in pairs)) or tuple(dict.fromkeys(item.methods))
+                   or self.default_methods)
         for name in methods:
             attribution.check_available(attribution.get_method(name), self.bundle)
-        processes = tuple(dict.fromkeys(item.ax_processes)) or DEFAULT_AX_PROCESSES
+        processes = (tuple(dict.fromkeys(p for _, p in pairs))
+                     or tuple(dict.fromkeys(item.ax_processes)) or DEFAULT_AX_PROCESSES)
         for process in processes:
             if process not in scoring.AX_PROCESSES:
                 raise InvalidInput(
                     f"unknown AX process {process!r}; valid: {', '.join(AX_PROCESS_NAMES)}",
                     field="ax_processes",
                 )
-        if item.label is not None and not 0 <= item.label < self.bundle.num_classes:
-            raise InvalidInput(
-                f"{item.label} is out of range [0, {self.bundle.num_classes - 1}]",
-                field="label",
-            )
-        return CheckItem(image, methods, processes, item.label, item.return_heatmaps)
+        return CheckItem(image, methods, processes, item.label, item.return_heatmaps,
+                         pairs=pairs)
 
     def check(self, items: Sequence[CheckItem]) -> list[CheckResult]:
         """Return one CheckResult per item, in order. Items are validated first (resolve)."""
+        return self.check_with_evidence(items)[0]
+
+    def check_with_evidence(self, items: Sequence[CheckItem],
+                            plan: EvidencePlan | None = None
+                            ) -> tuple[list[CheckResult], Evidence | None]:
+        """Return the results and the raw evidence of the items that are not
+        prediction-only (in order), computed for `plan` (default: the verdict's)."""
         if not items:
-            return []
+            return [], None
         resolved = [self.resolve(item) for item in items]
         with self._lock:
-            return self._check_locked(resolved)
+            return self._check_locked(resolved, plan or self.plan)
 
-    def _check_locked(self, requested: list[CheckItem]) -> list[CheckResult]:
+    def _use_shared(self, method: str) -> bool:
+        return self._shared_heatmaps and self._pass.supports(method)
+
+    def _check_locked(self, requested: list[CheckItem], plan: EvidencePlan
+                      ) -> tuple[list[CheckResult], Evidence | None]:
         bundle = self.bundle
-        # Work on what was asked plus what the verdict needs; report only what was asked.
-        items = [
-            item if item.prediction_only else
-            CheckItem(item.image,
-                      tuple(dict.fromkeys((*item.methods, *self._calibration_methods))),
-                      tuple(dict.fromkeys((*item.ax_processes, *self._calibration_processes))),
-                      item.label, item.return_heatmaps)
-            for item in requested
-        ]
-        x = torch.stack([item.image for item in items]).to(bundle.device, torch.float32)
-        count = len(items)
-
-        needed = list(dict.fromkeys(m for item in items for m in item.methods))
-        shared = [m for m in needed if self._shared is not None and m in SHARED_METHODS]
+        count = len(requested)
+        x = torch.stack([item.image for item in requested]).to(bundle.device, torch.float32)
+        judged = [i for i, item in enumerate(requested) if not item.prediction_only]
+        if not judged:
+            plan = EvidencePlan()
+        # Each item's (method, process) pairs: what it asked for plus what the verdict needs.
+        pairs_of: list[list[tuple[str, str]]] = []
+        for item in requested:
+            asked = item.asked_pairs()
+            extra = [] if item.prediction_only else list(plan.co_pairs)
+            pairs_of.append(list(dict.fromkeys((*asked, *extra))))
+        own_rows: dict[str, list[int]] = {}
+        for i, pairs in enumerate(pairs_of):
+            for method in dict.fromkeys(m for m, _ in pairs):
+                own_rows.setdefault(method, []).append(i)
+        for method in plan.counterfactual:
+            own_rows[method] = sorted(set(own_rows.get(method, [])) | set(judged))
 
         start = time.perf_counter()
-        if shared:
-            # One recorded forward gives the logits and serves every shared method.
-            leaf, graph_logits = self._shared.forward(x)
+        needs_graph = (plan.boundary or bool(plan.epsilons) or bool(plan.counterfactual)
+                       or any(self._use_shared(m) for m in own_rows))
+        if needs_graph:
+            leaf, graph_logits = self._pass.forward(x)
             logits = graph_logits.detach().float()
         else:
             with torch.inference_mode():
                 logits = bundle.network(x).float()
-        predicted = logits.argmax(dim=1)
+        predicted, runner_up = evidence.top_two(logits)
         probabilities = torch.softmax(logits, dim=1)
         after_forward = time.perf_counter()
 
-        raw_shared = (self._shared.heatmaps(leaf, graph_logits, predicted, shared)
-                      if shared and self._shared is not None else {})
-        if shared:
-            del leaf, graph_logits  # free the graph before the AX forward
-        # One attribution call per method, for the images that asked for it.
-        heatmaps: dict[str, tuple[list[int], torch.Tensor, torch.Tensor]] = {}
-        for name in needed:
-            rows = [i for i, item in enumerate(items) if name in item.methods]
-            index = torch.tensor(rows, device=x.device)
-            if name in raw_shared:
-                raw = raw_shared[name][index]
-            else:
-                with torch.enable_grad():
-                    raw = self._heatmap_fn(name)(x[index], predicted[index])
-                self.captum_calls[name] = self.captum_calls.get(name, 0) + len(rows)
-            normalised, zero = scoring.normalise_heatmaps(raw.float())
-            heatmaps[name] = (rows, normalised, zero)
-            if zero.any():
-                count_zero = int(zero.sum())
-                self.zero_heatmaps[name] = self.zero_heatmaps.get(name, 0) + count_zero
-                log.warning("zero_heatmap", extra={"method": name, "count": count_zero})
+        own, second, plain = self._backward(
+            x, leaf if needs_graph else None, graph_logits if needs_graph else None,
+            logits, predicted, runner_up, own_rows, plan, judged)
+        if needs_graph:
+            del leaf, graph_logits  # free the graph before the extra forwards
         after_attribution = time.perf_counter()
 
-        # Every AX input of every (method, process) pair in one batched forward.
-        pairs: list[tuple[str, str, list[int], torch.Tensor]] = []
-        ax_inputs = []
-        for name, (rows, normalised, zero) in heatmaps.items():
-            processes = dict.fromkeys(p for i in rows for p in items[i].ax_processes)
-            for process in processes:
-                keep = [k for k, i in enumerate(rows) if process in items[i].ax_processes]
-                sub_rows = [rows[k] for k in keep]
-                ax = scoring.AX_PROCESSES[process](x[sub_rows], normalised[keep])
-                pairs.append((name, process, sub_rows, zero[keep]))
-                ax_inputs.append(ax)
-        if ax_inputs:
-            with torch.inference_mode():
-                ax_logits = bundle.network(torch.cat(ax_inputs)).float()
+        # Every extra input in one batched forward (chunked to bound memory).
+        chunks: list[tuple[object, list[int], torch.Tensor]] = []
+        pair_rows: dict[tuple[str, str], list[int]] = {}
+        for i, pairs in enumerate(pairs_of):
+            for pair in pairs:
+                pair_rows.setdefault(pair, []).append(i)
+        for (method, process), rows in pair_rows.items():
+            h, _ = own[method].of(rows)
+            chunks.append((("ax", method, process), rows,
+                           scoring.AX_PROCESSES[process](x[rows], h)))
+        for method in plan.counterfactual:
+            h_own, _ = own[method].of(judged)
+            chunks.append((("runner_up", method), judged, x[judged] + second[method]))
+            chunks.append((("own_removed", method), judged, x[judged] - h_own))
+        for epsilon in plan.epsilons:
+            chunks.append((("perturbed", epsilon), judged,
+                           evidence.perturb(x[judged], plain["nll"][judged], epsilon)))
+        for text in plan.views:
+            chunks.append((("view", text), judged, self._view(text).transform(x[judged])))
+        outputs = self._forward_chunks([c[2] for c in chunks])
+        extra = {key: out for (key, _, _), out in zip(chunks, outputs, strict=True)}
 
         scores: list[list[MethodScore]] = [[] for _ in range(count)]
-        offset = 0
-        labels = [item.label for item in items]
-        for name, process, rows, zero in pairs:
-            chunk = ax_logits[offset : offset + len(rows)]
-            offset += len(rows)
-            base = logits[rows]
-            free = scoring.co_score(chunk, base, scoring.kappa(predicted[rows], bundle.num_classes))
+        labels = [item.label for item in requested]
+        co: dict[tuple[str, str], np.ndarray] = {}
+        for (method, process), rows in pair_rows.items():
+            _, zero = own[method].of(rows)
+            chunk, base = extra[("ax", method, process)], logits[rows]
+            free = scoring.co_score(chunk, base, scoring.kappa(predicted[rows],
+                                                               bundle.num_classes))
             # An all-zero heatmap scores 0 by definition (DESIGN 1.3), even for PRODUCT.
             free = torch.where(zero, torch.zeros_like(free), free)
             labelled: torch.Tensor | None = None
             if any(labels[i] is not None for i in rows):
                 targets = torch.tensor(
-                    [labels[i] if labels[i] is not None else 0 for i in rows], device=x.device
-                )
-                labelled = scoring.co_score(chunk, base, scoring.kappa(targets, bundle.num_classes))
+                    [labels[i] if labels[i] is not None else 0 for i in rows], device=x.device)
+                labelled = scoring.co_score(chunk, base,
+                                            scoring.kappa(targets, bundle.num_classes))
                 labelled = torch.where(zero, torch.zeros_like(labelled), labelled)
+            free_cpu = free.cpu()
+            if (method, process) in plan.co_pairs:
+                co[(method, process)] = free_cpu.numpy()[[rows.index(i) for i in judged]]
             for k, i in enumerate(rows):
                 scores[i].append(MethodScore(
-                    method=name,
-                    ax_process=process,
-                    score=float(free[k]),
-                    labelled_score=(
-                        float(labelled[k]) if labelled is not None and labels[i] is not None
-                        else None
-                    ),
-                    zero_heatmap=bool(zero[k]),
-                ))
-        verdicts = self._verdicts(logits, scores)
+                    method=method, ax_process=process, score=float(free_cpu[k]),
+                    labelled_score=(float(labelled[k]) if labelled is not None
+                                    and labels[i] is not None else None),
+                    zero_heatmap=bool(zero[k])))
+
+        batch_evidence = None
+        if judged:
+            batch_evidence = Evidence(
+                logits=logits[judged].cpu().double().numpy(),
+                margin_gradient_norm=(evidence.gradient_norms(plain["margin"][judged])
+                                      .cpu().double().numpy() if plan.boundary else None),
+                runner_up_logits={m: extra[("runner_up", m)].cpu().double().numpy()
+                                  for m in plan.counterfactual},
+                own_removed_logits={m: extra[("own_removed", m)].cpu().double().numpy()
+                                    for m in plan.counterfactual},
+                perturbed_logits={e: extra[("perturbed", e)].cpu().double().numpy()
+                                  for e in plan.epsilons},
+                view_logits=(torch.stack([extra[("view", v)] for v in plan.views])
+                             .cpu().double().numpy() if plan.views else None),
+                co=co,
+            )
+        verdicts = self._verdicts(count, judged, batch_evidence)
         # Each item lists the scores it asked for, in the order it asked for them.
         for i, item in enumerate(requested):
-            scores[i] = sorted(
-                (s for s in scores[i]
-                 if s.method in item.methods and s.ax_process in item.ax_processes),
-                key=lambda s, it=item: (it.methods.index(s.method),
-                                        it.ax_processes.index(s.ax_process)))
+            order = {pair: k for k, pair in enumerate(item.asked_pairs())}
+            scores[i] = sorted((s for s in scores[i] if (s.method, s.ax_process) in order),
+                               key=lambda s, o=order: o[(s.method, s.ax_process)])
         end = time.perf_counter()
 
         timing = StageTiming(
@@ -311,9 +411,8 @@ class Engine:
             cls = int(pred_cpu[i])
             maps = {}
             if item.return_heatmaps:
-                for name, (rows, normalised, _zero) in heatmaps.items():
-                    if i in rows and name in item.methods:
-                        maps[name] = normalised[rows.index(i)].cpu()
+                for name in item.methods:
+                    maps[name] = own[name].of([i])[0][0].cpu()
             results.append(CheckResult(
                 class_index=cls,
                 class_name=bundle.class_names[cls],
@@ -325,23 +424,101 @@ class Engine:
                 verdict=verdicts[i],
                 timing=dataclasses.replace(timing),  # each result may add its queue time
             ))
-        return results
+        return results, batch_evidence
 
-    def _verdicts(self, logits: torch.Tensor, scores: list[list[MethodScore]]) -> list[Verdict]:
+    def _backward(self, x: torch.Tensor, leaf: torch.Tensor | None,
+                  graph_logits: torch.Tensor | None, logits: torch.Tensor,
+                  predicted: torch.Tensor, runner_up: torch.Tensor,
+                  own_rows: dict[str, list[int]], plan: EvidencePlan, judged: list[int]
+                  ) -> tuple[dict[str, _Heatmaps], dict[str, torch.Tensor],
+                             dict[str, torch.Tensor]]:
+        """Return (ŷ's heatmaps per method, normalised runner-up heatmaps h₂ of the judged
+        rows per counterfactual method, plain input gradients: "margin" ∇ₓ(z_ŷ − z₂) and
+        "nll" ∇ₓ(−log p_ŷ) over the whole batch, as the plan needs them)."""
+        num_classes = logits.shape[1]
+        requests: list[tuple[str, torch.Tensor]] = []
+        keys: list[tuple[str, str]] = []
+        for method in own_rows:
+            if self._use_shared(method):
+                requests.append((rule_of(method), evidence.one_hot(predicted, num_classes)))
+                keys.append(("own", method))
+        for method in plan.counterfactual:
+            if self._use_shared(method):
+                requests.append((rule_of(method), evidence.one_hot(runner_up, num_classes)))
+                keys.append(("second", method))
+        # ∇(z_ŷ − z₂) = saliency(ŷ) − saliency(z₂) when both are computed anyway.
+        margin_free = {("own", "saliency"), ("second", "saliency")} <= set(keys)
+        if plan.boundary and not margin_free:
+            requests.append(("plain", evidence.margin_coefficients(predicted, runner_up,
+                                                                   num_classes)))
+            keys.append(("plain", "margin"))
+        if plan.epsilons:
+            requests.append(("plain", evidence.nll_coefficients(logits, predicted)))
+            keys.append(("plain", "nll"))
+        grads: dict[tuple[str, str], torch.Tensor] = {}
+        if requests:
+            assert leaf is not None and graph_logits is not None
+            grads = dict(zip(keys, self._pass.gradients(leaf, graph_logits, requests),
+                             strict=True))
+            self.backward_passes += len(requests)
+
+        def heatmaps(method: str, rows: list[int], targets: torch.Tensor, kind: str
+                     ) -> torch.Tensor:
+            if (kind, method) in grads:
+                assert leaf is not None
+                return finish_heatmap(method, leaf, grads[(kind, method)])[rows]
+            index = torch.tensor(rows, device=x.device)
+            with torch.enable_grad():
+                raw = self._heatmap_fn(method)(x[index], targets[index])
+            self.captum_calls[method] = self.captum_calls.get(method, 0) + len(rows)
+            return raw
+
+        own: dict[str, _Heatmaps] = {}
+        for method, rows in own_rows.items():
+            raw = heatmaps(method, rows, predicted, "own")
+            normalised, zero = scoring.normalise_heatmaps(raw.float())
+            own[method] = _Heatmaps(rows, raw, normalised, zero)
+            self._count_zero(method, zero)
+        second = {method: scoring.normalise_heatmaps(
+            heatmaps(method, judged, runner_up, "second").float())[0]
+            for method in plan.counterfactual}
+        plain: dict[str, torch.Tensor] = {}
+        if plan.boundary:
+            plain["margin"] = (grads[("own", "saliency")] - grads[("second", "saliency")]
+                               if margin_free else grads[("plain", "margin")])
+        if plan.epsilons:
+            plain["nll"] = grads[("plain", "nll")]
+        return own, second, plain
+
+    def _count_zero(self, method: str, zero: torch.Tensor) -> None:
+        if zero.any():
+            count_zero = int(zero.sum())
+            self.zero_heatmaps[method] = self.zero_heatmaps.get(method, 0) + count_zero
+            log.warning("zero_heatmap", extra={"method": method, "count": count_zero})
+
+    def _forward_chunks(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Return the float logits of each input batch, run as few batched forwards."""
+        if not inputs:
+            return []
+        sizes = [len(t) for t in inputs]
+        joined = torch.cat(inputs)
+        with torch.inference_mode():
+            out = torch.cat([self.bundle.network(part).float()
+                             for part in joined.split(EXTRA_FORWARD_CHUNK)])
+        return list(out.split(sizes))
+
+    def _verdicts(self, count: int, judged: list[int], batch: Evidence | None
+                  ) -> list[Verdict]:
         """Return each item's verdict from the calibration (uncalibrated without one)."""
+        verdicts = [Verdict() for _ in range(count)]
         artifact = self.calibration
-        verdicts = [Verdict() for _ in scores]
-        rows = [i for i, row in enumerate(scores) if row]  # prediction-only items have none
-        if artifact is None or not rows:
+        if artifact is None or batch is None:
             return verdicts
-        by_pair = [{(s.method, s.ax_process): s.score for s in scores[i]} for i in rows]
-        co = {(p.method, p.ax_process): np.array([row[(p.method, p.ax_process)]
-                                                  for row in by_pair])
-              for p in artifact.pairs}
-        risk, wrong = flag.verdicts(artifact, flag.features_of(logits[rows].cpu().numpy(), co))
-        for i, r, w in zip(rows, risk, wrong, strict=True):
-            verdicts[i] = Verdict(True, bool(w), float(r), artifact.threshold.value,
-                                  artifact.calibration_id)
+        risk, wrong, features = artifact.flag.verdicts(batch)
+        for k, i in enumerate(judged):
+            verdicts[i] = Verdict(True, bool(wrong[k]), float(risk[k]),
+                                  artifact.flag.threshold, artifact.calibration_id,
+                                  {name: float(values[k]) for name, values in features.items()})
         return verdicts
 
     def gax_options(

@@ -63,12 +63,20 @@ class SwitchableReLU(nn.Module):
 
 
 class SharedPass:
-    """Heatmaps of several gradient methods from one forward pass."""
+    """Heatmaps and input gradients of several backward rules from one forward pass.
 
-    def __init__(self, network: nn.Module) -> None:
+    With `switchable=False` (TorchScript: no modules to swap) the network is used as it is
+    and only the plain rule (ordinary gradients) is available.
+    """
+
+    def __init__(self, network: nn.Module, *, switchable: bool = True) -> None:
         self.rule = _Rule()
-        shared = shared_copy(network)
         self.relus = 0
+        self.switchable = switchable
+        if not switchable:
+            self.network = network
+            return
+        shared = shared_copy(network)
         for name, module in list(shared.named_modules()):
             if isinstance(module, nn.ReLU):
                 parent_name, _, child = name.rpartition(".")
@@ -77,20 +85,51 @@ class SharedPass:
                 self.relus += 1
         self.network = shared.eval()
 
+    def supports(self, method: str) -> bool:
+        """Return True when this pass gives `method`'s heatmaps."""
+        return method in SHARED_METHODS and (self.switchable or _RULE[method] == "plain")
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (leaf input with grad, logits with their graph) for (N, C, H, W) pixels."""
         leaf = x.detach().clone().requires_grad_(True)
         with torch.enable_grad():
             return leaf, self.network(leaf)
 
+    def gradients(self, leaf: torch.Tensor, logits: torch.Tensor,
+                  requests: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
+        """Return ∇ₓ Σₙ Kₙ·zₙ for each (rule, K) request, K (N, C) held fixed.
+
+        Rows are independent (eval mode), so row n of the result is the gradient of
+        Kₙ·zₙ for image n alone. The graph is freed after the last request. Rules:
+        "plain" (ordinary gradients), "deconvolution", "guided".
+        """
+        out = []
+        try:
+            for i, (rule, coefficients) in enumerate(requests):
+                if rule != "plain" and not self.switchable:
+                    raise ValueError(f"rule {rule!r} needs switchable ReLUs")
+                self.rule.name = rule
+                objective = (logits * coefficients.to(logits.dtype)).sum()
+                (grad,) = torch.autograd.grad(objective, leaf,
+                                              retain_graph=i < len(requests) - 1)
+                out.append(grad)
+        finally:
+            self.rule.name = "plain"
+        return out
+
     def heatmaps(self, leaf: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
                  methods: list[str]) -> dict[str, torch.Tensor]:
-        """Return raw heatmaps per method from one recorded forward (graph freed at the end)."""
-        selected = logits.gather(1, targets[:, None]).sum()
-        out = {}
-        for i, method in enumerate(methods):
-            self.rule.name = _RULE[method]
-            (grad,) = torch.autograd.grad(selected, leaf, retain_graph=i < len(methods) - 1)
-            out[method] = (grad * leaf).detach() if method == "input_x_gradient" else grad
-        self.rule.name = "plain"
-        return out
+        """Return raw heatmaps per method for the target classes (graph freed at the end)."""
+        k = torch.nn.functional.one_hot(targets, logits.shape[1])
+        grads = self.gradients(leaf, logits, [(rule_of(m), k) for m in methods])
+        return {m: finish_heatmap(m, leaf, g) for m, g in zip(methods, grads, strict=True)}
+
+
+def rule_of(method: str) -> str:
+    """Return the backward rule that gives a shared method's heatmap."""
+    return _RULE[method]
+
+
+def finish_heatmap(method: str, leaf: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+    """Return the method's heatmap from its rule's gradient (× input for InputXGradient)."""
+    return (gradient * leaf).detach() if method == "input_x_gradient" else gradient

@@ -36,6 +36,8 @@ def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
                             "(default: the server's)")
     check.add_argument("--ax", type=_split, default=[], dest="ax_processes",
                        help="comma-separated AX processes: sum,product (default sum)")
+    check.add_argument("--verdict-only", action="store_true",
+                       help="only the prediction and the verdict (no CO scores)")
     check.add_argument("--label", type=int, default=None,
                        help="true class index: adds the paper's labelled CO score")
     check.set_defaults(handler=run_check)
@@ -85,6 +87,8 @@ def format_check(path: Path, response: object) -> str:
         word = "LIKELY WRONG" if v.likely_wrong else "ok"
         lines.append(f"  verdict: {word} (risk {v.risk:.4f}, threshold {v.threshold:.4f}, "
                      f"calibration {v.calibration_id})")
+        for name, value in sorted(v.features.items()):
+            lines.append(f"    evidence {name:<40} {value:+.4f}")
     else:
         lines.append("  verdict: not calibrated (the server has no calibration loaded)")
     return "\n".join(lines)
@@ -97,7 +101,8 @@ def run_check(args: argparse.Namespace) -> int:
         for path in args.images:
             try:
                 response = client.check(path, methods=args.methods,
-                                        ax_processes=args.ax_processes, label=args.label)
+                                        ax_processes=args.ax_processes, label=args.label,
+                                        verdict_only=args.verdict_only)
             except (ClientError, OSError) as err:
                 print(f"{path}: error: {err}", file=sys.stderr)
                 failed += 1

@@ -48,9 +48,15 @@ def build_check_request(
     ax_processes: Sequence[str | int] = (),
     label: int | None = None,
     return_heatmaps: bool = False,
+    prediction_only: bool = False,
+    verdict_only: bool = False,
     request_id: str = "",
 ) -> pb.CheckRequest:
-    """Return a CheckRequest for an encoded image (bytes) or an image file path."""
+    """Return a CheckRequest for an encoded image (bytes) or an image file path.
+
+    `verdict_only`: the prediction and the verdict, without CO scores (the cheapest
+    verdict); `prediction_only`: the prediction alone.
+    """
     data = image if isinstance(image, bytes) else Path(image).read_bytes()
     request = pb.CheckRequest(
         request_id=request_id,
@@ -58,6 +64,8 @@ def build_check_request(
         methods=[method_value(m) for m in methods],
         ax_processes=[ax_process_value(p) for p in ax_processes],
         return_heatmaps=return_heatmaps,
+        prediction_only=prediction_only,
+        verdict_only=verdict_only,
     )
     if label is not None:
         request.label = label
@@ -102,7 +110,8 @@ class AxguardClient:
               **options: Any) -> pb.CheckResponse:
         """Return the CheckResponse for an image file, encoded bytes or a ready request.
 
-        Options: methods, ax_processes, label, return_heatmaps, request_id.
+        Options: methods, ax_processes, label, return_heatmaps, prediction_only,
+        verdict_only, request_id.
         """
         request = image if isinstance(image, pb.CheckRequest) else build_check_request(
             image, **options)

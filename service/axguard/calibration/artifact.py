@@ -11,16 +11,18 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import ConfigError
-from .risk import CandidateScore, RiskModel
+from ..verdict import Family, FlagModel, MethodPair
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""Version 2 (axguard 0.2): evidence families, cross-fitted selection, FlagModel."""
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN (an undefined rate) is written as NaN, which the JSON reader accepts back.
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
 
 
 class Interval(_Strict):
@@ -40,7 +42,9 @@ class ScoreMetrics(_Strict):
     """False for the paper's labelled CO score, which needs the true label."""
     orientation: float
     """+1 if larger means more likely wrong, −1 if larger means more likely correct."""
-    evaluated_on: Literal["all", "threshold_split"]
+    evaluated_on: Literal["all", "out_of_fold"]
+    """"all": the raw feature over every calibration image; "out_of_fold": cross-fitted
+    predictions on the fit split (each image scored by a model fitted without it)."""
     auroc: Interval
     aupr_error: Interval
     fpr_at_95_correct_kept: Interval
@@ -77,17 +81,48 @@ class ThresholdInfo(_Strict):
     n_used: int
     violation_probability: float
     achieved_false_alarm_rate: float
-    """On the threshold split: share of correct predictions flagged."""
+    """Share of correct predictions flagged: on the threshold split in false-alarm mode,
+    out of fold on the fit split in error-recall mode."""
     achieved_error_recall: float
-    """On the threshold split: share of wrong predictions flagged."""
+    """Share of wrong predictions flagged: on the threshold split in error-recall mode,
+    out of fold on the fit split in false-alarm mode."""
     flagged_share: float
+    """Expected share of all predictions flagged, from the two rates above."""
 
 
-class MethodPair(_Strict):
-    """An attribution method and AX process."""
+class SelectionStep(_Strict):
+    """One candidate family tried at one step of the forward selection."""
 
-    method: str
-    ax_process: str
+    step: int
+    family: str
+    """The family's key, e.g. "boundary" or "counterfactual:saliency"."""
+    features: list[str]
+    auroc: float
+    """Out-of-fold AUROC of the current set plus this family (fit split)."""
+    gain: float
+    """auroc minus the out-of-fold AUROC of the current set."""
+    gain_low: float
+    """One-sided 95% paired-bootstrap lower bound of the gain."""
+    accepted: bool
+
+
+class Selection(_Strict):
+    """How the risk model's families were chosen, and the evidence for each choice."""
+
+    rule: str
+    """The rule in words."""
+    folds: int
+    repeats: int
+    candidates: list[Family]
+    """Every family offered (after ε was picked from its grid)."""
+    epsilon_grid: list[float]
+    epsilon_aurocs: list[float]
+    """Out-of-fold AUROC of msp + perturbation at each ε of the grid (empty if not offered)."""
+    steps: list[SelectionStep]
+    kept: list[str]
+    """Keys of the kept families, in the order they entered."""
+    skipped_reason: str = ""
+    """Why no selection ran (too few errors), if it did not."""
 
 
 class RankEntry(_Strict):
@@ -130,20 +165,23 @@ class Samples(_Strict):
     predictions: list[int]
     split: list[Literal["fit", "threshold"]]
     features: dict[str, list[float]]
+    """Every candidate feature, the labelled CO scores, "risk" (final model, all images)
+    and "risk_out_of_fold" (fit split only; NaN on the threshold split)."""
 
 
 class CalibrationArtifact(_Strict):
     """Everything the server needs for the verdict, and everything a report shows."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[2] = SCHEMA_VERSION
     calibration_id: str = ""
     created_at: str
     model: ModelRef
     data: DataInfo
     pairs: list[MethodPair]
-    risk_model: RiskModel
-    risk_candidates: list[CandidateScore]
-    """Cross-validated AUROC of each candidate feature set on the fit split."""
+    """The method/AX-process pairs whose CO scores were measured (and offered as "co")."""
+    flag: FlagModel
+    """What serving needs: the kept families, the risk model and the threshold."""
+    selection: Selection
     threshold: ThresholdInfo
     gax_target: float
     gax_target_percentile: float
@@ -152,6 +190,18 @@ class CalibrationArtifact(_Strict):
     ranking: list[RankEntry]
     notes: list[str] = Field(default_factory=list)
     samples: Samples
+
+    @model_validator(mode="after")
+    def _one_threshold(self) -> CalibrationArtifact:
+        if (self.flag.threshold, self.flag.mode) != (self.threshold.value, self.threshold.mode):
+            raise ValueError("flag.threshold/mode and threshold.value/mode differ")
+        return self
+
+    def with_threshold(self, value: float) -> CalibrationArtifact:
+        """Return a copy with another threshold (both places that hold it)."""
+        return self.model_copy(update={
+            "threshold": self.threshold.model_copy(update={"value": value}),
+            "flag": self.flag.model_copy(update={"threshold": value})})
 
     def metric(self, name: str, evaluated_on: str = "all") -> ScoreMetrics:
         """Return the metrics of one score."""
@@ -168,18 +218,40 @@ class CalibrationArtifact(_Strict):
 
 
 def save_artifact(artifact: CalibrationArtifact, path: Path) -> CalibrationArtifact:
-    """Write the artifact as JSON with its content id filled in; return it."""
+    """Write the artifact as JSON with its content id filled in; return it.
+
+    Written to a temporary file and renamed into place, so a failure never leaves a
+    half-written artifact behind.
+    """
     artifact = artifact.model_copy(update={"calibration_id": artifact.content_id()})
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(artifact.model_dump_json(indent=1) + "\n")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(artifact.model_dump_json(indent=1) + "\n")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return artifact
 
 
 def load_artifact(path: Path) -> CalibrationArtifact:
-    """Read and validate an artifact; ConfigError when it is unreadable or invalid."""
+    """Read and validate an artifact; ConfigError when it is unreadable, invalid or of an
+    older schema version (with the command that makes a new one)."""
     try:
-        return CalibrationArtifact.model_validate_json(Path(path).read_text())
-    except (OSError, ValueError) as err:
+        text = Path(path).read_text()
+        version = json.loads(text).get("schema_version")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ConfigError(f"cannot load calibration {path}: {err}", field="calibration") from err
+    if version != SCHEMA_VERSION:
+        raise ConfigError(
+            f"{path} has schema version {version}, this axguard reads version "
+            f"{SCHEMA_VERSION} (evidence families, cross-fitted selection); recalibrate with "
+            "`axguard calibrate --data DIR --out FILE` and the model options you serve with",
+            field="calibration")
+    try:
+        return CalibrationArtifact.model_validate_json(text)
+    except ValueError as err:
         raise ConfigError(f"cannot load calibration {path}: {err}", field="calibration") from err
 
 
@@ -193,7 +265,10 @@ def check_matches(artifact: CalibrationArtifact, fingerprint: str,
             f"the served model's fingerprint is {fingerprint[:16]}…; recalibrate",
             field="calibration",
         )
-    missing = sorted({p.method for p in artifact.pairs} - set(available_methods))
+    from ..engine import EvidencePlan  # the engine imports this module
+
+    needed = EvidencePlan.of(artifact.flag.families).methods
+    missing = sorted(set(needed) - set(available_methods))
     if missing:
         raise ConfigError(
             f"calibration {artifact.calibration_id} needs methods {missing}, which this model "

@@ -1,40 +1,68 @@
 """`axguard calibrate`: run the model over labelled images and fit the flag.
 
-The risk model is fitted on one part of the data (the fit split) and the threshold chosen
-on the other (the threshold split), stratified by correct/wrong with a fixed seed.
+1. Every candidate evidence family is measured on every image (one engine pass per batch).
+2. The images are split so that the threshold keeps its finite-sample guarantee: the
+   threshold split holds only predictions its rule uses (correct ones in false-alarm mode,
+   wrong ones in error-recall mode; a random `1 − fit_fraction` share of them), and every
+   other image serves the fit.
+3. On the fit split, families are chosen by cross-fitted forward selection (risk.py) and
+   the risk model is refitted on the whole fit split; its intercept is moved back to the
+   data's error rate (the fit split over-samples one outcome).
+4. The threshold comes from the threshold split, which the risk model never saw.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
-from ..attribution import list_methods
-from ..engine import CheckItem, Engine
-from ..errors import InvalidInput
+from ..attribution import available_methods, list_methods
+from ..engine import CheckItem, Engine, EvidencePlan
+from ..errors import ConfigError, InvalidInput
 from ..scoring import AX_PROCESSES
+from ..sharedpass import SHARED_METHODS
+from ..verdict import (
+    DEFAULT_FAMILIES,
+    EPSILON_GRID,
+    OFFERED_FAMILIES,
+    Evidence,
+    Family,
+    FlagModel,
+    MethodPair,
+    co_feature_name,
+    error_sign,
+    features_of,
+    flags,
+    predict_risk,
+)
 from . import metrics as m
 from .artifact import (
     CalibrationArtifact,
     DataInfo,
     Interval,
-    MethodPair,
     ModelRef,
     PairedDifference,
     RankEntry,
     Samples,
     ScoreMetrics,
+    Selection,
+    SelectionStep,
     ThresholdInfo,
 )
 from .datasets import LabelledImages
-from .features import LOGIT_FEATURES, co_feature_name, error_sign
-from .flag import features_of, flags
-from .risk import MIN_ERRORS_FOR_SELECTION, predict_risk, select_risk_model
+from .risk import (
+    MIN_ERRORS_FOR_SELECTION,
+    SELECTION_RULE,
+    cross_fitted_risk,
+    fit_risk_model,
+    prior_shift,
+    select_families,
+)
 from .thresholds import GuaranteeUnavailable, error_recall_threshold, false_alarm_threshold
 
 DEFAULT_PAIRS = (("saliency", "sum"), ("deconvolution", "sum"))
@@ -45,15 +73,64 @@ def all_pairs() -> list[tuple[str, str]]:
     return [(spec.name, p) for spec in list_methods() for p in AX_PROCESSES]
 
 
+def check_families(families: Sequence[str], epsilons: Sequence[float],
+                   views: Sequence[str]) -> None:
+    """Raise ConfigError naming the field for an empty or unknown family list, an ε outside
+    (0, 1), or "views" without configured views."""
+    if not families:
+        raise ConfigError("name at least one family; valid: " + ", ".join(OFFERED_FAMILIES),
+                          field="families")
+    unknown = [f for f in families if f not in OFFERED_FAMILIES]
+    if unknown:
+        raise ConfigError(f"unknown families {unknown}; valid: {', '.join(OFFERED_FAMILIES)}",
+                          field="families")
+    if not epsilons:
+        raise ConfigError("give at least one ε", field="epsilons")
+    bad = [e for e in epsilons if not 0 < e < 1]
+    if bad:
+        raise ConfigError(f"{bad} outside (0, 1)", field="epsilons")
+    if "views" in families and not views:
+        raise ConfigError("the views family needs views in the model's settings "
+                          "(e.g. --views hflip,shift:1:0)", field="model.views")
+
+
+def candidate_families(engine: Engine, pairs: Sequence[tuple[str, str]],
+                       families: Sequence[str], epsilons: Sequence[float],
+                       views: Sequence[str]) -> list[Family]:
+    """Return every candidate family (one per ε; counterfactual for Saliency and each
+    calibrated method the shared pass gives on this model)."""
+    usable = {spec.name for spec in available_methods(engine.bundle)} & set(SHARED_METHODS)
+    methods = [mth for mth in dict.fromkeys(("saliency", *(p[0] for p in pairs)))
+               if mth in usable]
+    out: list[Family] = []
+    for name in families:
+        if name == "counterfactual":
+            out += [Family(name="counterfactual", method=mth) for mth in methods]
+        elif name == "perturbation":
+            out += [Family(name="perturbation", epsilon=e) for e in epsilons]
+        elif name == "views":
+            if views:
+                out.append(Family(name="views", views=tuple(views)))
+        elif name == "co":
+            out.append(Family(name="co", pairs=tuple(MethodPair(method=a, ax_process=b)
+                                                     for a, b in pairs)))
+        else:
+            out.append(Family(name=name))  # type: ignore[arg-type]
+    return out
+
+
 @dataclass
 class Collected:
     """What the model did on every calibration image."""
 
     names: list[str]
     labels: np.ndarray
-    logits: np.ndarray
-    co: dict[tuple[str, str], np.ndarray]
+    evidence: Evidence
     co_labelled: dict[tuple[str, str], np.ndarray]
+
+    @property
+    def logits(self) -> np.ndarray:
+        return self.evidence.logits
 
     @property
     def predictions(self) -> np.ndarray:
@@ -64,30 +141,262 @@ class Collected:
         return self.predictions != self.labels
 
 
-def collect(engine: Engine, images: LabelledImages, pairs: list[tuple[str, str]], *,
-            batch_size: int = 64, progress: bool = True) -> Collected:
-    """Run the engine over every image, with labels, in batches; return all scores."""
-    methods = list(dict.fromkeys(p[0] for p in pairs))
-    processes = list(dict.fromkeys(p[1] for p in pairs))
-    logits, labels = [], []
-    co: dict[tuple[str, str], list[float]] = {p: [] for p in pairs}
+def concat_evidence(parts: list[Evidence]) -> Evidence:
+    """Return the evidence of several batches as one."""
+    first = parts[0]
+
+    def cat(getter):  # noqa: ANN001, ANN202
+        return np.concatenate([getter(p) for p in parts])
+
+    return Evidence(
+        logits=cat(lambda p: p.logits),
+        margin_gradient_norm=(None if first.margin_gradient_norm is None
+                              else cat(lambda p: p.margin_gradient_norm)),
+        runner_up_logits={k: cat(lambda p, k=k: p.runner_up_logits[k])
+                          for k in first.runner_up_logits},
+        own_removed_logits={k: cat(lambda p, k=k: p.own_removed_logits[k])
+                            for k in first.own_removed_logits},
+        perturbed_logits={k: cat(lambda p, k=k: p.perturbed_logits[k])
+                          for k in first.perturbed_logits},
+        view_logits=(None if first.view_logits is None
+                     else np.concatenate([p.view_logits for p in parts], axis=1)),
+        co={k: cat(lambda p, k=k: p.co[k]) for k in first.co},
+    )
+
+
+def collect(engine: Engine, images: LabelledImages, pairs: Sequence[tuple[str, str]],
+            plan: EvidencePlan | None = None, *, batch_size: int = 64,
+            progress: bool = True) -> Collected:
+    """Run the engine over every image, with labels, in batches; return all evidence.
+
+    `plan` names the evidence to measure (default: the engine's verdict plus the CO
+    scores of `pairs`, whose labelled scores are always recorded too).
+    """
+    pairs = list(pairs)
+    base = plan or engine.plan
+    plan = EvidencePlan(base.boundary, base.counterfactual, base.epsilons, base.views,
+                        tuple(dict.fromkeys((*base.co_pairs, *pairs))))
+    parts, labels = [], []
     co_labelled: dict[tuple[str, str], list[float]] = {p: [] for p in pairs}
     batches = images.batches(engine.bundle.spec, batch_size)
     total = math.ceil(len(images) / batch_size)
     for x, batch_labels in tqdm(batches, total=total, desc="calibrating", unit="batch",
                                 disable=not progress):
-        results = engine.check([CheckItem(img, methods, processes, label)
-                                for img, label in zip(x, batch_labels, strict=True)])
-        for result, label in zip(results, batch_labels, strict=True):
-            logits.append(result.logits)
-            labels.append(label)
+        results, batch = engine.check_with_evidence(
+            [CheckItem(img, label=label, pairs=pairs)
+             for img, label in zip(x, batch_labels, strict=True)], plan)
+        assert batch is not None
+        parts.append(batch)
+        labels += list(batch_labels)
+        for result in results:
             by_pair = {(s.method, s.ax_process): s for s in result.scores}
             for pair in pairs:
-                co[pair].append(by_pair[pair].score)
                 co_labelled[pair].append(by_pair[pair].labelled_score)
-    return Collected(images.names, np.asarray(labels), np.asarray(logits, dtype=float),
-                     {p: np.asarray(v) for p, v in co.items()},
-                     {p: np.asarray(v) for p, v in co_labelled.items()})
+    return Collected(images.names, np.asarray(labels), concat_evidence(parts),
+                     {p: np.asarray(v, dtype=float) for p, v in co_labelled.items()})
+
+
+def split_for_guarantee(is_error: np.ndarray, mode: str, fit_fraction: float,
+                        seed: int) -> np.ndarray:
+    """Return (N,) bool, True for the fit split.
+
+    The threshold split takes a random `1 − fit_fraction` share of the predictions its rule
+    uses (correct ones in false-alarm mode, wrong ones in error-recall mode); everything
+    else is fitted on. Within that outcome the choice is uniform, so the threshold split's
+    risks stay exchangeable with future predictions of the same outcome.
+    """
+    rng = np.random.default_rng(seed)
+    used = np.flatnonzero(~is_error if mode == "false_alarm" else is_error)
+    held = rng.choice(used, size=int(round((1 - fit_fraction) * len(used))), replace=False)
+    mask = np.ones(len(is_error), dtype=bool)
+    mask[held] = False
+    return mask
+
+
+def calibrate(
+    engine: Engine,
+    images: LabelledImages,
+    *,
+    pairs: Sequence[tuple[str, str]] | None = None,
+    families: Sequence[str] = DEFAULT_FAMILIES,
+    epsilons: Sequence[float] = EPSILON_GRID,
+    views: Sequence[str] = (),
+    mode: str = "false_alarm",
+    beta: float = 0.05,
+    recall: float = 0.9,
+    delta: float = 0.05,
+    fit_fraction: float = 0.5,
+    folds: int = 5,
+    repeats: int = 2,
+    seed: int = 0,
+    gax_percentile: float = 95.0,
+    n_bootstrap: int = 1000,
+    selection_resamples: int = 500,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> CalibrationArtifact:
+    """Return a calibration artifact for the engine's model on labelled images.
+
+    Raises ConfigError for bad settings (before any image is run), GuaranteeUnavailable
+    when the data cannot support the requested promise, and InvalidInput when the fit
+    split holds no wrong (or no correct) prediction.
+    """
+    pairs = list(pairs or DEFAULT_PAIRS)
+    families = list(dict.fromkeys(families))
+    if "views" not in families and views:
+        families.append("views")
+    check_families(families, epsilons, views)
+    if mode not in ("false_alarm", "error_recall"):
+        raise ValueError(f"unknown mode {mode!r}")
+    candidates = candidate_families(engine, pairs, families, epsilons, views)
+    msp_family = Family(name="msp")
+    data = collect(engine, images, pairs, EvidencePlan.of(candidates),
+                   batch_size=batch_size, progress=progress)
+    is_error = data.is_error
+    features = features_of([msp_family, *candidates], data.evidence)
+    labelled = {co_feature_name(meth, proc, labelled=True): v
+                for (meth, proc), v in data.co_labelled.items()}
+
+    fit_mask = split_for_guarantee(is_error, mode, fit_fraction, seed)
+    fit_error = is_error[fit_mask]
+    if not fit_error.any() or fit_error.all():
+        raise InvalidInput(
+            f"the fit split holds {int(fit_error.sum())} wrong predictions of "
+            f"{int(fit_mask.sum())}: the risk model needs both wrong and correct ones; use "
+            "more or harder labelled data", field="data")
+    fit_features = {k: v[fit_mask] for k, v in features.items()}
+    n_fit_errors = int(fit_error.sum())
+    folds = max(2, min(folds, n_fit_errors, int((~fit_error).sum())))
+    skipped = ""
+    epsilon_aurocs: list[float] = []
+    steps = []
+    if n_fit_errors < MIN_ERRORS_FOR_SELECTION:
+        skipped = (f"only {n_fit_errors} wrong predictions in the fit split (fewer than "
+                   f"{MIN_ERRORS_FOR_SELECTION}): selection would be noise, so the risk "
+                   "model is msp alone")
+        kept = [msp_family]
+        oof = cross_fitted_risk(fit_features, fit_error, msp_family.features(), folds=folds,
+                                repeats=repeats, seed=seed)
+    else:
+        # ε from its grid: the one whose msp + perturbation fit is best out of fold.
+        perturbations = [f for f in candidates if f.name == "perturbation"]
+        if perturbations:
+            for family in perturbations:
+                risk = cross_fitted_risk(fit_features, fit_error,
+                                         msp_family.features() + family.features(),
+                                         folds=folds, repeats=repeats, seed=seed)
+                epsilon_aurocs.append(m.auroc(fit_error, risk))
+            best = perturbations[int(np.argmax(epsilon_aurocs))]
+            candidates = [f for f in candidates if f.name != "perturbation" or f is best]
+        kept, steps, oof = select_families(
+            fit_features, fit_error, msp_family, candidates, folds=folds, repeats=repeats,
+            n_resamples=selection_resamples, seed=seed)
+    names = [n for f in kept for n in f.features()]
+    fitted = fit_risk_model(fit_features, fit_error, names, seed=seed)
+    error_rate, fit_error_rate = float(is_error.mean()), float(fit_error.mean())
+    risk_model = prior_shift(fitted, fit_error_rate, error_rate)
+    risk = predict_risk(risk_model, features)
+    # msp alone ranks exactly as MSP; out-of-fold mixing of fold models would only blur it.
+    oof = (risk[fit_mask] if kept == [msp_family]
+           else _shift_risk(oof, fit_error_rate, error_rate))
+
+    held = ~fit_mask
+    if mode == "false_alarm":
+        rule = false_alarm_threshold(risk[held & ~is_error], beta, delta)
+        target = beta
+    else:
+        rule = error_recall_threshold(risk[held & is_error], recall, delta)
+        target = recall
+    flagged_held = flags(mode, rule.value, risk[held])
+    flagged_oof = flags(mode, rule.value, oof)
+    held_error = is_error[held]
+    if mode == "false_alarm":
+        false_alarms = float(flagged_held[~held_error].mean())
+        recall_seen = float(flagged_oof[fit_error].mean())
+    else:
+        false_alarms = float(flagged_oof[~fit_error].mean())
+        recall_seen = float(flagged_held[held_error].mean())
+    threshold = ThresholdInfo(
+        mode=mode, target=target, delta=delta, value=rule.value, order_index=rule.order_index,
+        n_used=rule.n, violation_probability=rule.violation_probability,
+        achieved_false_alarm_rate=false_alarms, achieved_error_recall=recall_seen,
+        flagged_share=float((~is_error).mean() * false_alarms + is_error.mean() * recall_seen),
+    )
+
+    kwargs = {"n_bootstrap": n_bootstrap, "seed": seed}
+    scores = [score_metrics(k, v, is_error, label_free=True, evaluated_on="all", **kwargs)
+              for k, v in features.items()]
+    scores += [score_metrics(k, v, is_error, label_free=False, evaluated_on="all", **kwargs)
+               for k, v in labelled.items()]
+    scores += [
+        score_metrics("risk", oof, fit_error, label_free=True, evaluated_on="out_of_fold",
+                      **kwargs),
+        score_metrics("msp", features["msp"][fit_mask], fit_error, label_free=True,
+                      evaluated_on="out_of_fold", **kwargs),
+    ]
+    paired = m.paired_auroc_difference(fit_error, oof, -features["msp"][fit_mask],
+                                       n_resamples=n_bootstrap, seed=seed)
+
+    by_name = {s.name: s for s in scores if s.evaluated_on == "all"}
+    ranking = sorted(
+        (RankEntry(
+            method=meth, ax_process=proc,
+            auroc_label_free=by_name[co_feature_name(meth, proc)].auroc.value,
+            auroc_labelled=by_name[co_feature_name(meth, proc, True)].auroc.value,
+            median_gap_label_free=by_name[co_feature_name(meth, proc)].median_gap,
+            median_gap_labelled=by_name[co_feature_name(meth, proc, True)].median_gap,
+        ) for meth, proc in pairs),
+        key=lambda r: r.auroc_label_free, reverse=True,
+    )
+    correct_co = np.concatenate([data.evidence.co[p][~is_error] for p in pairs])
+    notes = _notes(is_error, fit_mask, by_name, paired, kept, skipped)
+    selection = Selection(
+        rule=SELECTION_RULE, folds=folds, repeats=repeats, candidates=candidates,
+        epsilon_grid=[float(e) for e in epsilons] if epsilon_aurocs else [],
+        epsilon_aurocs=epsilon_aurocs,
+        steps=[SelectionStep(step=st.step, family=st.family.key, features=st.features,
+                             auroc=st.auroc, gain=st.gain, gain_low=st.gain_low,
+                             accepted=st.accepted) for st in steps],
+        kept=[f.key for f in kept], skipped_reason=skipped)
+    oof_all = np.full(len(is_error), np.nan)
+    oof_all[fit_mask] = oof
+    bundle = engine.bundle
+    return CalibrationArtifact(
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        model=ModelRef(name=bundle.name, version=bundle.version,
+                       fingerprint=bundle.fingerprint, class_names=bundle.class_names),
+        data=DataInfo(source=images.source, n_images=len(is_error),
+                      n_correct=int((~is_error).sum()), n_errors=int(is_error.sum()),
+                      accuracy=float((~is_error).mean()), split_seed=seed,
+                      fit_fraction=fit_fraction),
+        pairs=[MethodPair(method=a, ax_process=b) for a, b in pairs],
+        flag=FlagModel(families=kept, risk_model=risk_model, mode=mode,  # type: ignore[arg-type]
+                       threshold=rule.value),
+        selection=selection,
+        threshold=threshold,
+        gax_target=float(np.percentile(correct_co, gax_percentile)),
+        gax_target_percentile=gax_percentile,
+        metrics=scores,
+        risk_vs_msp=PairedDifference(a="risk", b="msp", **paired),
+        ranking=ranking,
+        notes=notes,
+        samples=Samples(
+            names=data.names, labels=data.labels.tolist(),
+            predictions=data.predictions.tolist(),
+            split=["fit" if f else "threshold" for f in fit_mask],
+            features={**{k: v.tolist() for k, v in features.items()},
+                      **{k: v.tolist() for k, v in labelled.items()}, "risk": risk.tolist(),
+                      "risk_out_of_fold": oof_all.tolist()},
+        ),
+    )
+
+
+def _shift_risk(risk: np.ndarray, fit_error_rate: float, error_rate: float) -> np.ndarray:
+    """Return risks moved from the fit split's error rate to the data's (see prior_shift)."""
+    z = np.log(np.clip(risk, 1e-300, None)) - np.log(np.clip(1 - risk, 1e-300, None))
+    shift = (np.log(error_rate / (1 - error_rate))
+             - np.log(fit_error_rate / (1 - fit_error_rate)))
+    return 1.0 / (1.0 + np.exp(-np.clip(z + shift, -700, 700)))
 
 
 def score_metrics(name: str, values: np.ndarray, is_error: np.ndarray, *, label_free: bool,
@@ -107,160 +416,31 @@ def score_metrics(name: str, values: np.ndarray, is_error: np.ndarray, *, label_
     )
 
 
-def split_fit_threshold(is_error: np.ndarray, fit_fraction: float, seed: int) -> np.ndarray:
-    """Return (N,) bool, True for the fit split; stratified by correct/wrong."""
-    index = np.arange(len(is_error))
-    stratify = is_error if min(is_error.sum(), (~is_error).sum()) >= 2 else None
-    fit, _ = train_test_split(index, train_size=fit_fraction, random_state=seed,
-                              stratify=stratify)
-    mask = np.zeros(len(is_error), dtype=bool)
-    mask[fit] = True
-    return mask
-
-
-def calibrate(
-    engine: Engine,
-    images: LabelledImages,
-    *,
-    pairs: list[tuple[str, str]] | None = None,
-    mode: str = "false_alarm",
-    beta: float = 0.05,
-    recall: float = 0.9,
-    delta: float = 0.05,
-    fit_fraction: float = 0.5,
-    seed: int = 0,
-    gax_percentile: float = 95.0,
-    n_bootstrap: int = 1000,
-    batch_size: int = 64,
-    progress: bool = True,
-) -> CalibrationArtifact:
-    """Return a calibration artifact for the engine's model on labelled images.
-
-    Raises GuaranteeUnavailable when the data cannot support the requested promise, and
-    InvalidInput when the fit split holds no wrong (or no correct) prediction.
-    """
-    pairs = list(pairs or DEFAULT_PAIRS)
-    data = collect(engine, images, pairs, batch_size=batch_size, progress=progress)
-    is_error = data.is_error
-    features = features_of(data.logits, data.co)
-    labelled = {co_feature_name(meth, proc, labelled=True): v
-                for (meth, proc), v in data.co_labelled.items()}
-
-    fit_mask = split_fit_threshold(is_error, fit_fraction, seed)
-    if not is_error[fit_mask].any() or is_error[fit_mask].all():
-        raise InvalidInput(
-            f"the fit split holds {int(is_error[fit_mask].sum())} wrong predictions of "
-            f"{int(fit_mask.sum())}: the risk model needs both wrong and correct ones; use "
-            "more or harder labelled data", field="data")
-    co_names = [co_feature_name(meth, proc) for meth, proc in pairs]
-    candidates = [["msp"], list(LOGIT_FEATURES), [*LOGIT_FEATURES, *co_names]]
-    risk_model, candidate_scores = select_risk_model(
-        {k: v[fit_mask] for k, v in features.items()}, is_error[fit_mask], candidates,
-        seed=seed)
-    risk = predict_risk(risk_model, features)
-
-    held = ~fit_mask
-    held_error = is_error[held]
-    if mode == "false_alarm":
-        rule = false_alarm_threshold(risk[held][~held_error], beta, delta)
-        target = beta
-    elif mode == "error_recall":
-        rule = error_recall_threshold(risk[held][held_error], recall, delta)
-        target = recall
-    else:
-        raise ValueError(f"unknown mode {mode!r}")
-    flagged = flags(mode, rule.value, risk)
-    threshold = ThresholdInfo(
-        mode=mode, target=target, delta=delta, value=rule.value, order_index=rule.order_index,
-        n_used=rule.n, violation_probability=rule.violation_probability,
-        achieved_false_alarm_rate=float(flagged[held][~held_error].mean()),
-        achieved_error_recall=(float(flagged[held][held_error].mean())
-                               if held_error.any() else float("nan")),
-        flagged_share=float(flagged[held].mean()),
-    )
-
-    kwargs = {"n_bootstrap": n_bootstrap, "seed": seed}
-    scores = [score_metrics(k, v, is_error, label_free=True, evaluated_on="all", **kwargs)
-              for k, v in features.items()]
-    scores += [score_metrics(k, v, is_error, label_free=False, evaluated_on="all", **kwargs)
-               for k, v in labelled.items()]
-    scores += [
-        score_metrics("risk", risk[held], held_error, label_free=True,
-                      evaluated_on="threshold_split", **kwargs),
-        score_metrics("msp", features["msp"][held], held_error, label_free=True,
-                      evaluated_on="threshold_split", **kwargs),
-    ]
-    paired = m.paired_auroc_difference(held_error, risk[held], -features["msp"][held],
-                                       n_resamples=n_bootstrap, seed=seed)
-
-    by_name = {s.name: s for s in scores if s.evaluated_on == "all"}
-    ranking = sorted(
-        (RankEntry(
-            method=meth, ax_process=proc,
-            auroc_label_free=by_name[co_feature_name(meth, proc)].auroc.value,
-            auroc_labelled=by_name[co_feature_name(meth, proc, True)].auroc.value,
-            median_gap_label_free=by_name[co_feature_name(meth, proc)].median_gap,
-            median_gap_labelled=by_name[co_feature_name(meth, proc, True)].median_gap,
-        ) for meth, proc in pairs),
-        key=lambda r: r.auroc_label_free, reverse=True,
-    )
-    correct_co = np.concatenate([v[~is_error] for v in data.co.values()])
-    notes = _notes(is_error, fit_mask, by_name, scores, paired)
-    if not candidate_scores:
-        notes.append(f"Only {int(is_error[fit_mask].sum())} wrong predictions in the fit "
-                     f"split (fewer than {MIN_ERRORS_FOR_SELECTION}): feature selection would "
-                     "be noise, so the risk model is MSP alone.")
-    elif risk_model.features != candidates[-1]:
-        notes.append(f"Cross-validation on the fit split kept {risk_model.features}: adding "
-                     "the label-free CO scores did not raise the out-of-fold AUROC.")
-    bundle = engine.bundle
-    return CalibrationArtifact(
-        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        model=ModelRef(name=bundle.name, version=bundle.version,
-                       fingerprint=bundle.fingerprint, class_names=bundle.class_names),
-        data=DataInfo(source=images.source, n_images=len(is_error),
-                      n_correct=int((~is_error).sum()), n_errors=int(is_error.sum()),
-                      accuracy=float((~is_error).mean()), split_seed=seed,
-                      fit_fraction=fit_fraction),
-        pairs=[MethodPair(method=a, ax_process=b) for a, b in pairs],
-        risk_model=risk_model,
-        risk_candidates=candidate_scores,
-        threshold=threshold,
-        gax_target=float(np.percentile(correct_co, gax_percentile)),
-        gax_target_percentile=gax_percentile,
-        metrics=scores,
-        risk_vs_msp=PairedDifference(a="risk", b="msp", **paired),
-        ranking=ranking,
-        notes=notes,
-        samples=Samples(
-            names=data.names, labels=data.labels.tolist(),
-            predictions=data.predictions.tolist(),
-            split=["fit" if f else "threshold" for f in fit_mask],
-            features={**{k: v.tolist() for k, v in features.items()},
-                      **{k: v.tolist() for k, v in labelled.items()}, "risk": risk.tolist()},
-        ),
-    )
-
-
-def _notes(is_error, fit_mask, by_name, scores, paired) -> list[str]:
+def _notes(is_error: np.ndarray, fit_mask: np.ndarray, by_name: dict[str, ScoreMetrics],
+           paired: dict[str, float], kept: list[Family], skipped: str) -> list[str]:
     """Plain-language caveats a reader of the artifact must see."""
     notes = []
     n_err = int(is_error.sum())
     if n_err < 100:
         notes.append(f"Only {n_err} wrong predictions: AUROC intervals are wide "
                      "(about ±0.035 needs 100 errors, ±0.016 needs 500).")
-    held_errors = int(is_error[~fit_mask].sum())
-    notes.append(f"Risk and its MSP comparison are measured on the threshold split "
-                 f"({int((~fit_mask).sum())} images, {held_errors} wrong), which the risk "
-                 "model never saw.")
-    best_free = max((s for s in scores if s.name.startswith("co:")),
+    notes.append(f"Risk and MSP are compared out of fold on the fit split "
+                 f"({int(fit_mask.sum())} images, {int(is_error[fit_mask].sum())} wrong): each "
+                 "image scored by a model fitted without it. The same out-of-fold predictions "
+                 "chose the families, so this comparison is slightly optimistic; `axguard "
+                 "evaluate` on other labelled data is the honest check.")
+    if skipped:
+        notes.append(f"Selection skipped: {skipped}.")
+    else:
+        notes.append("Families kept: " + ", ".join(f.key for f in kept) + ".")
+    best_free = max((s for name, s in by_name.items() if name.startswith("co:")),
                     key=lambda s: s.auroc.value, default=None)
     if best_free is not None:
         msp = by_name["msp"].auroc.value
         word = "above" if best_free.auroc.value > msp else "below"
         notes.append(f"The best label-free CO score ({best_free.name}, AUROC "
                      f"{best_free.auroc.value:.3f}) is {word} MSP ({msp:.3f}) on its own.")
-    notes.append(f"Risk minus MSP AUROC: {paired['difference']:+.3f} "
+    notes.append(f"Risk minus MSP AUROC (out of fold): {paired['difference']:+.3f} "
                  f"[{paired['low']:+.3f}, {paired['high']:+.3f}].")
     return notes
 

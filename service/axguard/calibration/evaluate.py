@@ -6,12 +6,11 @@ from pydantic import BaseModel, ConfigDict
 
 from ..engine import Engine
 from ..errors import ConfigError
+from ..verdict import Family, co_feature_name, error_sign, features_of
 from . import metrics as m
 from .artifact import Interval, PairedDifference
 from .calibrate import collect
 from .datasets import LabelledImages
-from .features import co_feature_name, error_sign
-from .flag import features_of, verdicts
 
 
 class ScoreAuroc(BaseModel):
@@ -59,8 +58,9 @@ def evaluate(engine: Engine, images: LabelledImages, *, n_bootstrap: int = 1000,
     pairs = [(p.method, p.ax_process) for p in artifact.pairs]
     data = collect(engine, images, pairs, batch_size=batch_size, progress=progress)
     is_error = data.is_error
-    features = features_of(data.logits, data.co)
-    risk, flagged = verdicts(artifact, features)
+    risk, flagged, used = artifact.flag.verdicts(data.evidence)
+    extra = [Family(name="logit")] + [Family(name="co", pairs=tuple(artifact.pairs))]
+    features = {**features_of(extra, data.evidence), **used}
     n_err, n_ok = int(is_error.sum()), int((~is_error).sum())
     false_alarms = int(flagged[~is_error].sum())
     caught = int(flagged[is_error].sum())

@@ -13,9 +13,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
+from ..verdict import co_feature_name, error_sign  # noqa: E402
 from . import metrics as m  # noqa: E402
 from .artifact import CalibrationArtifact  # noqa: E402
-from .features import co_feature_name, error_sign  # noqa: E402
 
 CORRECT, WRONG = "#2b7bba", "#d7301f"
 
@@ -24,8 +24,10 @@ def _arrays(artifact: CalibrationArtifact) -> tuple[dict[str, np.ndarray], np.nd
     s = artifact.samples
     features = {k: np.asarray(v) for k, v in s.features.items()}
     is_error = np.asarray(s.labels) != np.asarray(s.predictions)
-    held = np.asarray(s.split) == "threshold"
-    return features, is_error, held
+    fit = np.asarray(s.split) == "fit"
+    # The risk is compared with MSP out of fold on the fit split (see calibrate.py).
+    features["risk"] = features["risk_out_of_fold"]
+    return features, is_error, fit
 
 
 def _pairs(artifact: CalibrationArtifact) -> list[tuple[str, str]]:
@@ -66,10 +68,11 @@ def figure_distributions(artifact: CalibrationArtifact, kind: str, out: Path) ->
 
 def figure_roc(artifact: CalibrationArtifact, out: Path) -> Path:
     """ROC curves (errors as positives): each label-free score against MSP, all images;
-    and the risk against MSP on the held-out threshold split."""
-    features, is_error, held = _arrays(artifact)
+    and the risk against MSP out of fold on the fit split."""
+    features, is_error, fit = _arrays(artifact)
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
-    for name in [n for n in features if n.startswith("co") or n in ("margin", "energy")]:
+    for name in [n for n in features if n.startswith("co") or n in ("margin", "energy")
+                 or n.startswith(("boundary", "runner_up_margin", "perturbed"))]:
         fpr, tpr, _ = roc_curve(is_error, error_sign(name) * features[name])
         auc = m.auroc(is_error, error_sign(name) * features[name])
         style = ":" if name.startswith("co_labelled") else "-"
@@ -79,11 +82,11 @@ def figure_roc(artifact: CalibrationArtifact, out: Path) -> Path:
     left.set_title("every score, all calibration images\n(dotted: labelled CO, needs the label)",
                    fontsize=9)
     for name, colour in (("risk", "#e08214"), ("msp", "k")):
-        values = error_sign(name) * features[name][held]
-        fpr, tpr, _ = roc_curve(is_error[held], values)
+        values = error_sign(name) * features[name][fit]
+        fpr, tpr, _ = roc_curve(is_error[fit], values)
         right.plot(fpr, tpr, color=colour, lw=2,
-                   label=f"{name} ({m.auroc(is_error[held], values):.3f})")
-    right.set_title("risk vs MSP, held-out threshold split", fontsize=9)
+                   label=f"{name} ({m.auroc(is_error[fit], values):.3f})")
+    right.set_title("risk vs MSP, out of fold on the fit split", fontsize=9)
     for ax in (left, right):
         ax.plot([0, 1], [0, 1], color="grey", lw=0.5)
         ax.set_xlabel("false-positive rate (correct flagged)", fontsize=8)
@@ -97,18 +100,18 @@ def figure_roc(artifact: CalibrationArtifact, out: Path) -> Path:
 
 
 def figure_risk_coverage(artifact: CalibrationArtifact, out: Path) -> Path:
-    """Selective risk against coverage for the risk, MSP and a perfect score (held out)."""
-    features, is_error, held = _arrays(artifact)
+    """Selective risk against coverage for the risk, MSP and a perfect score (out of fold)."""
+    features, is_error, fit = _arrays(artifact)
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    err = is_error[held]
-    for name, values, style in (("risk", features["risk"][held], "-"),
-                                ("MSP", -features["msp"][held], "--"),
+    err = is_error[fit]
+    for name, values, style in (("risk", features["risk"][fit], "-"),
+                                ("MSP", -features["msp"][fit], "--"),
                                 ("perfect", err.astype(float), ":")):
         coverage, risk = m.risk_coverage(err, values)
         ax.plot(coverage, risk, style, label=f"{name} (AURC {np.mean(risk):.4f})")
     ax.set_xlabel("coverage (share of predictions accepted)")
     ax.set_ylabel("selective risk (error rate among accepted)")
-    ax.set_title("risk–coverage, held-out threshold split", fontsize=9)
+    ax.set_title("risk–coverage, out of fold on the fit split", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = out / "risk_coverage.png"
@@ -124,13 +127,13 @@ def _fmt(i) -> str:  # noqa: ANN001
 def render_html(artifact: CalibrationArtifact, figures: dict[str, Path]) -> str:
     """Return the self-contained report page (figures embedded as base64 PNG)."""
     a = artifact
-    risk = a.metric("risk", "threshold_split")
-    msp = a.metric("msp", "threshold_split")
+    risk = a.metric("risk", "out_of_fold")
+    msp = a.metric("msp", "out_of_fold")
     d = a.risk_vs_msp
     if d.low > 0:
-        verdict = "Yes: the risk beats MSP on held-out data (the whole interval is above 0)."
+        verdict = "Yes: the risk beats MSP out of fold (the whole interval is above 0)."
     elif d.high < 0:
-        verdict = "No: MSP alone separates errors better than the risk on held-out data."
+        verdict = "No: MSP alone separates errors better than the risk out of fold."
     else:
         verdict = "Not measurably: the interval of the difference includes 0."
     t = a.threshold
@@ -149,6 +152,22 @@ def render_html(artifact: CalibrationArtifact, figures: dict[str, Path]) -> str:
         f"<td>{r.median_gap_label_free:+.3f}</td><td>{r.auroc_labelled:.3f}</td>"
         f"<td>{r.median_gap_labelled:+.3f}</td></tr>" for r in a.ranking)
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in a.notes)
+    sel = a.selection
+    steps = "".join(
+        f"<tr><td>{st.step}</td><td>{html.escape(st.family)}</td><td>{st.auroc:.4f}</td>"
+        f"<td>{st.gain:+.4f}</td><td>{'' if st.gain_low != st.gain_low else f'{st.gain_low:+.4f}'}"
+        f"</td><td>{'<b>kept</b>' if st.accepted else ''}</td></tr>" for st in sel.steps)
+    epsilons = ", ".join(f"ε={e:g}: {u:.4f}" for e, u in zip(sel.epsilon_grid,
+                                                              sel.epsilon_aurocs, strict=True))
+    selection = (
+        f"<p>Rule: {html.escape(sel.rule)} ({sel.folds}-fold cross-fitting, repeated "
+        f"{sel.repeats}×). Kept: <b id='kept'>{html.escape(', '.join(sel.kept))}</b>. "
+        f"{html.escape(sel.skipped_reason)}</p>"
+        + (f"<p>Perturbation step, out-of-fold AUROC of msp + perturbation: {epsilons}</p>"
+           if epsilons else "")
+        + ("<table><tr><th>step</th><th>family tried</th><th>AUROC (out of fold)</th>"
+           f"<th>gain</th><th>gain, 95% lower bound</th><th></th></tr>{steps}</table>"
+           if steps else ""))
     captions = {
         "co_boxplots": "CO scores of wrong (upper box) and correct (lower box) predictions. "
                        "Left: the "
@@ -156,8 +175,8 @@ def render_html(artifact: CalibrationArtifact, figures: dict[str, Path]) -> str:
                        "production. Right: the label-free score the flag may use.",
         "co_histograms": "The same distributions as histograms (density).",
         "roc": "ROC curves with errors as positives. Left: each score on all calibration "
-               "images, against MSP (black). Right: the fitted risk against MSP on the "
-               "held-out threshold split.",
+               "images, against MSP (black). Right: the fitted risk against MSP, out of "
+               "fold on the fit split.",
         "risk_coverage": "Error rate among the predictions kept, as fewer are kept: lower is "
                          "better.",
     }
@@ -180,18 +199,22 @@ figcaption {{ font-size: 0.85em; color: #555; }}
 <h1>Does the flag beat MSP on {html.escape(a.model.name)}?</h1>
 <p class="headline" id="verdict">{verdict}<br>
 Risk AUROC {_fmt(risk.auroc)} vs MSP {_fmt(msp.auroc)}; difference {d.difference:+.3f}
-<small>[{d.low:+.3f}, {d.high:+.3f}]</small> (paired bootstrap, held-out threshold split).</p>
+<small>[{d.low:+.3f}, {d.high:+.3f}]</small> (paired bootstrap, out of fold on the fit split;
+the families were chosen on the same predictions, so run <code>axguard evaluate</code> on
+other labelled data for the honest number).</p>
 <p>Model {html.escape(a.model.name)} v{html.escape(a.model.version)}
 (<code>{a.model.fingerprint[:16]}…</code>), calibration <code>{a.calibration_id}</code>,
 data {html.escape(a.data.source)}: {a.data.n_images} images, {a.data.n_errors} wrong
 (accuracy {a.data.accuracy:.4f}).</p>
 <p>Promise: the flag {promise} with probability ≥ {1 - t.delta:.2f}; threshold on risk
-{t.value:.4f} (order statistic {t.order_index} of {t.n_used}). On the held-out split it
+{t.value:.4f} (order statistic {t.order_index} of {t.n_used} held-out predictions). It
 flagged {t.achieved_false_alarm_rate:.2%} of correct and {t.achieved_error_recall:.2%} of wrong
-predictions. Risk features: {", ".join(a.risk_model.features)}.
+predictions (held out for the promised rate, out of fold for the other).
+Risk features: {", ".join(a.flag.risk_model.features)}.
 Default GAX target: {a.gax_target:.2f} (the {a.gax_target_percentile:.0f}th percentile of
 label-free CO on correct predictions).</p>
 <ul>{notes}</ul>
+<h2>Evidence families: what the risk model uses, and why</h2>{selection}
 <h2>Methods ranked by label-free separation</h2>
 <table><tr><th>method</th><th>AUROC label-free</th><th>median gap label-free</th>
 <th>AUROC labelled</th><th>median gap labelled</th></tr>{ranking}</table>

@@ -50,7 +50,7 @@ class Image(_message.Message):
     def __init__(self, encoded: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class CheckRequest(_message.Message):
-    __slots__ = ("request_id", "image", "methods", "ax_processes", "label", "return_heatmaps", "prediction_only")
+    __slots__ = ("request_id", "image", "methods", "ax_processes", "label", "return_heatmaps", "prediction_only", "verdict_only")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     METHODS_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,7 @@ class CheckRequest(_message.Message):
     LABEL_FIELD_NUMBER: _ClassVar[int]
     RETURN_HEATMAPS_FIELD_NUMBER: _ClassVar[int]
     PREDICTION_ONLY_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_ONLY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     image: Image
     methods: _containers.RepeatedScalarFieldContainer[AttributionMethod]
@@ -65,7 +66,8 @@ class CheckRequest(_message.Message):
     label: int
     return_heatmaps: bool
     prediction_only: bool
-    def __init__(self, request_id: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., methods: _Optional[_Iterable[_Union[AttributionMethod, str]]] = ..., ax_processes: _Optional[_Iterable[_Union[AxProcess, str]]] = ..., label: _Optional[int] = ..., return_heatmaps: _Optional[bool] = ..., prediction_only: _Optional[bool] = ...) -> None: ...
+    verdict_only: bool
+    def __init__(self, request_id: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., methods: _Optional[_Iterable[_Union[AttributionMethod, str]]] = ..., ax_processes: _Optional[_Iterable[_Union[AxProcess, str]]] = ..., label: _Optional[int] = ..., return_heatmaps: _Optional[bool] = ..., prediction_only: _Optional[bool] = ..., verdict_only: _Optional[bool] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("class_index", "class_name", "probability", "logits", "probabilities")
@@ -96,18 +98,27 @@ class CoScore(_message.Message):
     def __init__(self, method: _Optional[_Union[AttributionMethod, str]] = ..., ax_process: _Optional[_Union[AxProcess, str]] = ..., score: _Optional[float] = ..., labelled_score: _Optional[float] = ..., zero_heatmap: _Optional[bool] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("calibrated", "likely_wrong", "risk", "threshold", "calibration_id")
+    __slots__ = ("calibrated", "likely_wrong", "risk", "threshold", "calibration_id", "features")
+    class FeaturesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     CALIBRATED_FIELD_NUMBER: _ClassVar[int]
     LIKELY_WRONG_FIELD_NUMBER: _ClassVar[int]
     RISK_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
     calibrated: bool
     likely_wrong: bool
     risk: float
     threshold: float
     calibration_id: str
-    def __init__(self, calibrated: _Optional[bool] = ..., likely_wrong: _Optional[bool] = ..., risk: _Optional[float] = ..., threshold: _Optional[float] = ..., calibration_id: _Optional[str] = ...) -> None: ...
+    features: _containers.ScalarMap[str, float]
+    def __init__(self, calibrated: _Optional[bool] = ..., likely_wrong: _Optional[bool] = ..., risk: _Optional[float] = ..., threshold: _Optional[float] = ..., calibration_id: _Optional[str] = ..., features: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Timing(_message.Message):
     __slots__ = ("decode_ms", "forward_ms", "attribution_ms", "ax_ms", "total_ms", "queue_ms", "batch_size")
@@ -177,7 +188,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class CalibrationSummary(_message.Message):
-    __slots__ = ("calibration_id", "created_at", "mode", "target", "delta", "threshold", "achieved_false_alarm_rate", "achieved_error_recall", "auroc_risk", "auroc_msp", "n_images", "n_errors", "risk_features", "gax_target", "data_source")
+    __slots__ = ("calibration_id", "created_at", "mode", "target", "delta", "threshold", "achieved_false_alarm_rate", "achieved_error_recall", "auroc_risk", "auroc_msp", "n_images", "n_errors", "risk_features", "gax_target", "data_source", "families")
     CALIBRATION_ID_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -193,6 +204,7 @@ class CalibrationSummary(_message.Message):
     RISK_FEATURES_FIELD_NUMBER: _ClassVar[int]
     GAX_TARGET_FIELD_NUMBER: _ClassVar[int]
     DATA_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    FAMILIES_FIELD_NUMBER: _ClassVar[int]
     calibration_id: str
     created_at: str
     mode: str
@@ -208,7 +220,8 @@ class CalibrationSummary(_message.Message):
     risk_features: _containers.RepeatedScalarFieldContainer[str]
     gax_target: float
     data_source: str
-    def __init__(self, calibration_id: _Optional[str] = ..., created_at: _Optional[str] = ..., mode: _Optional[str] = ..., target: _Optional[float] = ..., delta: _Optional[float] = ..., threshold: _Optional[float] = ..., achieved_false_alarm_rate: _Optional[float] = ..., achieved_error_recall: _Optional[float] = ..., auroc_risk: _Optional[float] = ..., auroc_msp: _Optional[float] = ..., n_images: _Optional[int] = ..., n_errors: _Optional[int] = ..., risk_features: _Optional[_Iterable[str]] = ..., gax_target: _Optional[float] = ..., data_source: _Optional[str] = ...) -> None: ...
+    families: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, calibration_id: _Optional[str] = ..., created_at: _Optional[str] = ..., mode: _Optional[str] = ..., target: _Optional[float] = ..., delta: _Optional[float] = ..., threshold: _Optional[float] = ..., achieved_false_alarm_rate: _Optional[float] = ..., achieved_error_recall: _Optional[float] = ..., auroc_risk: _Optional[float] = ..., auroc_msp: _Optional[float] = ..., n_images: _Optional[int] = ..., n_errors: _Optional[int] = ..., risk_features: _Optional[_Iterable[str]] = ..., gax_target: _Optional[float] = ..., data_source: _Optional[str] = ..., families: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "version", "fingerprint", "class_names", "input_shape", "mean", "std", "available_methods", "default_methods", "calibration", "torchscript", "device")
