@@ -56,7 +56,7 @@ train-demo: $(STAMP)
 calibrate-demo: $(STAMP)
 	$(BIN)/axguard calibrate --data builtin:digits --out service/axguard/demo/assets/calibration.json
 
-# Flag quality of the demo model and an under-trained one, written to bench/results/.
+# Flag quality v2: four digits models, repeated cross-fitting, written to bench/results/ (~25 min).
 bench-flag: $(STAMP)
 	$(BIN)/python bench/flag_quality.py
 

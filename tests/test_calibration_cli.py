@@ -194,6 +194,9 @@ def test_report_page_shows_its_figures_in_headless_chromium(artifact_path, tmp_p
     assert 'data-figures="4"' in dom
     assert 'data-figures-loaded="4"' in dom, "not every figure decoded in the browser"
     assert "Does the flag beat MSP" in dom and "the paper's labelled score" in dom
+    assert "Evidence families: what the risk model uses, and why" in dom
+    assert "id=\"kept\">msp</b>" in dom  # the demo's 7 errors: msp alone, and it says why
+    assert "Selection skipped: only 7 wrong predictions" in dom
     shot = tmp_path / "shot.png"
     subprocess.run([chromium(), *flags, f"--screenshot={shot}", "--window-size=1200,2400",
                     page.as_uri()], capture_output=True, timeout=120)
@@ -236,3 +239,83 @@ def test_an_unknown_ax_process_in_methods_is_a_clear_error(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "methods: unknown AX process 'divide'" in err and "sum, product" in err
+
+
+@pytest.mark.parametrize(("args", "field"), [
+    (["--families", ""], "families"),
+    (["--families", "logit,telepathy"], "families"),
+    (["--epsilons", "0.01,1.5"], "epsilons"),
+    (["--epsilons", "0"], "epsilons"),
+    (["--families", "views"], "model.views"),
+    (["--views", "hflip,spin"], "model.views"),
+])
+def test_bad_calibration_settings_exit_2_naming_the_field(args, field, tmp_path):
+    out = tmp_path / "cal.json"
+    out.write_text("previous artifact")  # a failed run must leave it as it was
+    proc = subprocess.run([*AXGUARD, "calibrate", "--data", "builtin:digits", "--out",
+                           str(out), *args], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr
+    assert field in proc.stderr and "Traceback" not in proc.stderr
+    assert out.read_text() == "previous artifact"
+    assert [p.name for p in tmp_path.iterdir()] == ["cal.json"]  # no temporary left over
+
+
+def test_a_failed_save_leaves_nothing_half_written(demo_calibration, tmp_path, monkeypatch):
+    out = tmp_path / "cal.json"
+    out.write_text("previous artifact")
+
+    def broken_dump(self, **kwargs):  # noqa: ANN001, ANN202
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(demo_calibration), "model_dump_json", broken_dump)
+    with pytest.raises(OSError, match="disk full"):
+        save_artifact(demo_calibration, out)
+    assert out.read_text() == "previous artifact"
+    assert [p.name for p in tmp_path.iterdir()] == ["cal.json"]
+
+
+def test_selection_on_an_under_trained_model_and_the_served_verdict_agrees(tmp_path):
+    """A real under-trained digits CNN (about 87% accurate): calibrate with every family,
+    then serve: the served verdict equals the artifact's own risk for the same image."""
+    import numpy as np
+    import torch
+
+    from axguard.calibration.calibrate import calibrate
+    from axguard.calibration.datasets import load_labelled_images
+    from axguard.demo.train import train_demo, write_assets
+    from axguard.model import load_bundle
+
+    network, spec, _ = train_demo(epochs=1)
+    write_assets(network, spec, {}, tmp_path, 1)
+    bundle = load_bundle("axguard.demo.network:build_demo_net", spec=spec,
+                         class_names=[str(d) for d in range(10)],
+                         weights=tmp_path / "weights.pt", name="sub")
+    images = load_labelled_images("builtin:digits", bundle.class_names)
+    artifact = calibrate(Engine(bundle), images, n_bootstrap=20, views=("shift:1:0",),
+                         progress=False)
+    sel = artifact.selection
+    assert artifact.data.n_errors >= 20 and not sel.skipped_reason
+    assert sel.kept[0] == "msp" and artifact.flag.families[0].name == "msp"
+    offered = {f.key.split(":")[0] for f in sel.candidates}
+    assert offered == {"logit", "boundary", "counterfactual", "perturbation", "views", "co"}
+    assert len(sel.epsilon_aurocs) == len(sel.epsilon_grid) == 6
+    # Every family tried at step 1; accepted ones passed the stated rule.
+    assert {s.family for s in sel.steps if s.step == 1} == {f.key for f in sel.candidates}
+    assert all(s.gain_low > 0 for s in sel.steps if s.accepted)
+    assert [s.family for s in sel.steps if s.accepted] == sel.kept[1:]
+    # The threshold split holds correct predictions only (false-alarm mode).
+    split = np.asarray(artifact.samples.split)
+    wrong = np.asarray(artifact.samples.labels) != np.asarray(artifact.samples.predictions)
+    assert not (wrong & (split == "threshold")).any()
+    # Serving computes the kept families only, and agrees with calibration.
+    path = tmp_path / "cal.json"
+    save_artifact(artifact, path)
+    served = Engine(bundle, calibration=load_artifact(path))
+    x, _ = next(images.batches(bundle.spec, 16))
+    results = served.check([CheckItem(img, verdict_only=True) for img in x])
+    kept_features = {n for f in artifact.flag.families for n in f.features()}
+    assert set(results[0].verdict.features) == kept_features
+    assert [r.verdict.risk for r in results] == pytest.approx(
+        artifact.samples.features["risk"][:16], rel=1e-4, abs=1e-6)
+    assert torch.is_tensor(x)

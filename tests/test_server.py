@@ -156,6 +156,12 @@ BAD_REQUESTS = [
      "ax_processes"),
     ("label out of range", pb.CheckRequest(image=pb.Image(tensor=pb.Tensor(
         shape=[3, 32, 32], data=np.zeros((3, 32, 32), "<f4").tobytes())), label=10), "label"),
+    ("label out of range, prediction only", pb.CheckRequest(image=pb.Image(tensor=pb.Tensor(
+        shape=[3, 32, 32], data=np.zeros((3, 32, 32), "<f4").tobytes())), label=-1,
+        prediction_only=True), "label"),
+    ("label out of range, verdict only", pb.CheckRequest(image=pb.Image(tensor=pb.Tensor(
+        shape=[3, 32, 32], data=np.zeros((3, 32, 32), "<f4").tobytes())), label=10,
+        verdict_only=True), "label"),
 ]
 
 
