@@ -109,6 +109,8 @@ def test_gax_options_validation(demo_engine):
                           (dict(max_steps=5000), "max_steps"),
                           (dict(learning_rate=0.0), "learning_rate"),
                           (dict(similarity_weight=float("nan")), "similarity_weight"),
+                          (dict(similarity_weight=3e38), "similarity_weight"),
+                          (dict(learning_rate=1e30), "learning_rate"),
                           (dict(target_co=float("inf")), "target_co")):
         with pytest.raises(InvalidInput) as info:
             demo_engine.gax_options(x, **{**base, **change})
@@ -208,7 +210,9 @@ def test_deadline_stops_the_optimisation(demo_engine, caplog):
             started = time.perf_counter()
             with pytest.raises(Exception) as info:
                 list(c.diagnose(DIGIT, max_steps=2000, target_co=1e9, timeout=0.5))
-            assert "DEADLINE_EXCEEDED" in str(info.value)
+            # Never OK without a result: the client sees the deadline whoever noticed it.
+            assert "DEADLINE_EXCEEDED" in str(info.value) or "DeadlineExceeded" in repr(
+                info.value)
             deadline = time.time() + 30
             while time.time() < deadline and not any(
                     r.getMessage() == "diagnose_cancelled" for r in caplog.records):
@@ -261,3 +265,39 @@ def test_concurrent_diagnoses_do_not_share_state(demo_engine):
         t.join()
     for r in results:
         assert r == pytest.approx(serial, rel=1e-5)
+
+
+def test_a_run_cut_off_by_its_deadline_never_ends_ok(demo_engine):
+    """Even when the server notices the deadline first, the stream ends DEADLINE_EXCEEDED."""
+    server = RunningServer(demo_engine)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.ConfidenceServiceStub(channel)
+            for timeout in (0.3, 0.6, 1.0):
+                call = stub.Diagnose(pb.DiagnoseRequest(
+                    image=pb.Image(encoded=DIGIT.read_bytes()), max_steps=2000,
+                    target_co=1e9), timeout=timeout)
+                events = []
+                with pytest.raises(grpc.RpcError) as info:
+                    for event in call:
+                        events.append(event)
+                assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                assert not any(e.HasField("result") for e in events)
+    finally:
+        server.stop()
+
+
+def test_huge_options_are_refused_and_nothing_non_finite_is_streamed(client):
+    from axguard_client import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="similarity_weight"):
+        list(client.diagnose(DIGIT, similarity_weight=3e38, max_steps=5))
+    events = list(client.diagnose(DIGIT, similarity_weight=1e6, learning_rate=10.0,
+                                  max_steps=20, snapshot_every=1))
+    import math
+
+    for e in events:
+        for part in (e.progress, e.snapshot, e.result):
+            for name in ("co_score", "loss", "similarity", "final_co"):
+                if hasattr(part, name):
+                    assert math.isfinite(getattr(part, name))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import io
 
 import grpc
 import numpy as np
@@ -95,6 +96,45 @@ def test_check_batch_keeps_order_and_isolates_bad_items(client):
     assert responses[1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert "requests[1].image.encoded" in responses[1].error.message
     assert not responses[0].HasField("error")
+    # Errors the engine finds name the item's field too.
+    labelled = pb.CheckRequest(image=pb.Image(encoded=good[0]), label=10)
+    responses = client.check_batch([good[0], labelled])
+    assert responses[1].error.message.startswith("requests[1].label: 10 is out of range")
+    assert responses[0].prediction.class_name == "1"
+
+
+def test_an_empty_batch_is_invalid_argument(client):
+    with pytest.raises(InvalidArgument, match="INVALID_ARGUMENT: requests: is empty"):
+        client.check_batch([])
+
+
+def malformed_tiff() -> bytes:
+    """A TIFF whose StripOffsets (tag 273) has type 7 (UNDEFINED): Pillow raises TypeError
+    inside load(). Found by fuzzing (issue 10)."""
+    import struct
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4), (200, 10, 10)).save(buffer, format="TIFF")
+    data = bytearray(buffer.getvalue())
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for k in range(struct.unpack_from("<H", data, ifd)[0]):
+        entry = ifd + 2 + 12 * k
+        if struct.unpack_from("<H", data, entry)[0] == 273:
+            struct.pack_into("<H", data, entry + 2, 7)
+    return bytes(data)
+
+
+def test_a_decoder_crash_on_client_bytes_is_invalid_argument_never_internal(client):
+    bad = malformed_tiff()
+    with pytest.raises(InvalidArgument) as info:
+        client.check(bad)
+    assert info.value.details.startswith("image.encoded: cannot decode")
+    responses = client.check_batch([DIGITS[5].read_bytes(), bad])
+    assert responses[0].prediction.class_name == "5"
+    assert responses[1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert responses[1].error.message.startswith("requests[1].image.encoded: cannot decode")
 
 
 def test_get_model_info(client, demo_engine):

@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 
 AX_PROCESS_NAMES = tuple(scoring.AX_PROCESSES)
 DEFAULT_AX_PROCESSES = ("sum",)
+MAX_LEARNING_RATE = 10.0
+MAX_SIMILARITY_WEIGHT = 1e6
+"""GAX option bounds: beyond them float32 overflows (3e38 streamed NaN) and nothing is
+gained (the paper uses lr 0.1 and weight 100)."""
 EXTRA_FORWARD_CHUNK = 256
 """Most images in one forward of the extra inputs (bounds peak memory)."""
 
@@ -544,10 +548,12 @@ class Engine:
             raise InvalidInput("must be finite", field="target_co")
         if not 1 <= max_steps <= step_cap:
             raise InvalidInput(f"{max_steps} is outside [1, {step_cap}]", field="max_steps")
-        if not (np.isfinite(learning_rate) and learning_rate > 0):
-            raise InvalidInput("must be a positive number", field="learning_rate")
-        if not (np.isfinite(similarity_weight) and similarity_weight >= 0):
-            raise InvalidInput("must be a non-negative number", field="similarity_weight")
+        if not (np.isfinite(learning_rate) and 0 < learning_rate <= MAX_LEARNING_RATE):
+            raise InvalidInput(f"must be in (0, {MAX_LEARNING_RATE:g}]", field="learning_rate")
+        if not (np.isfinite(similarity_weight)
+                and 0 <= similarity_weight <= MAX_SIMILARITY_WEIGHT):
+            raise InvalidInput(f"must be in [0, {MAX_SIMILARITY_WEIGHT:g}]",
+                               field="similarity_weight")
         return GaxOptions(target_class, float(target_co), max_steps, learning_rate,
                           similarity_weight)
 

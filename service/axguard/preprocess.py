@@ -93,14 +93,23 @@ def decode_image(
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise InputTooLarge(str(err), field=field) from err
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+    except MemoryError as err:
+        raise InputTooLarge("decoding needs more memory than is available", field=field) from err
+    except Exception as err:  # noqa: BLE001  (client bytes: any decoder failure is theirs)
+        # Pillow raises many types on malformed files (a TIFF tag of the wrong type raises
+        # TypeError inside load()); none of them is the server's bug.
+        kind = "" if isinstance(err, UnidentifiedImageError | OSError | ValueError) else (
+            f"{type(err).__name__}: ")
         raise InvalidInput(
-            f"cannot decode as {'/'.join(ACCEPTED_FORMATS)}: {err}", field=field
+            f"cannot decode as {'/'.join(ACCEPTED_FORMATS)}: {kind}{err}", field=field
         ) from err
     try:
         return image_to_tensor(image, spec)
-    except (OSError, ValueError) as err:
-        raise InvalidInput(f"unsupported image mode {image.mode}: {err}", field=field) from err
+    except MemoryError as err:
+        raise InputTooLarge("converting needs more memory than is available",
+                            field=field) from err
+    except Exception as err:  # noqa: BLE001  (as above)
+        raise InvalidInput(f"unsupported image ({image.mode}): {err}", field=field) from err
 
 
 def tensor_from_bytes(

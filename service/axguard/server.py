@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import signal
 import threading
 import time
@@ -164,6 +165,8 @@ class ConfidenceServicer(pb_grpc.ConfidenceServiceServicer):
         start = time.perf_counter()
         self._ensure_ready()
         count = len(request.requests)
+        if count == 0:
+            raise InvalidInput("is empty: send at least one CheckRequest", field="requests")
         if count > self.max_batch_items:
             raise InputTooLarge(f"has {count} items, limit {self.max_batch_items}",
                                 field="requests")
@@ -171,10 +174,14 @@ class ConfidenceServicer(pb_grpc.ConfidenceServiceServicer):
         good: list[tuple[int, str, Any]] = []
         for i, sub in enumerate(request.requests):
             sub_id = sub.request_id or f"{request_id}-{i}"
+            prefix = f"requests[{i}]."
             try:
-                item = self.engine.resolve(
-                    request_to_item(sub, self.engine.bundle, self.limits, f"requests[{i}].")
-                )
+                item = request_to_item(sub, self.engine.bundle, self.limits, prefix)
+                try:
+                    item = self.engine.resolve(item)
+                except AxguardError as err:  # the engine names fields of one request
+                    err.field = f"{prefix}{err.field}" if err.field else prefix[:-1]
+                    raise
                 good.append((i, sub_id, item))
             except AxguardError as err:
                 responses[i] = pb.CheckResponse(
@@ -238,6 +245,11 @@ class ConfidenceServicer(pb_grpc.ConfidenceServiceServicer):
         steps = engine.diagnose(image, options, should_stop)
         try:
             for step in steps:
+                if not _finite_step(step):
+                    raise InvalidInput(
+                        f"the optimisation diverged at step {step.step} (non-finite loss or "
+                        "heatmap); lower learning_rate or similarity_weight",
+                        field="diagnose")
                 last = step
                 yield pb.DiagnoseEvent(progress=pb.DiagnoseProgress(
                     step=step.step, co_score=step.co_score, loss=step.loss,
@@ -256,7 +268,13 @@ class ConfidenceServicer(pb_grpc.ConfidenceServiceServicer):
         if last is None or not last.final:
             log.info("diagnose_cancelled", extra={"request_id": request_id,
                                                   "steps": last.step if last else 0})
-            return
+            if cancelled.is_set():
+                return  # the client is gone: nobody reads a status
+            # The deadline passed: say so, never end a cut-off run with OK.
+            raise DeadlineExceeded(
+                f"the deadline passed after {last.step if last else 0} of "
+                f"{options.max_steps} steps; allow more time or fewer max_steps",
+                field="diagnose")
         logits = engine.predict(torch.stack([image, image + last.heatmap]))
         names = engine.bundle.class_names
         self.metrics.diagnose_duration.labels(self.metrics.model).observe(last.seconds)
@@ -279,6 +297,12 @@ class ConfidenceServicer(pb_grpc.ConfidenceServiceServicer):
         self._ensure_ready(warm=False)  # the description is valid before the warm-up
         return model_info(self.engine.bundle, self.engine.default_methods,
                           self.engine.calibration)
+
+
+def _finite_step(step: Any) -> bool:
+    """Return True when every number a GAX step would stream is finite."""
+    values = (step.co_score, step.loss, step.similarity)
+    return all(map(math.isfinite, values)) and bool(torch.isfinite(step.heatmap).all())
 
 
 class MetricsInterceptor(grpc.ServerInterceptor):
