@@ -271,20 +271,23 @@ class Engine:
         return CheckItem(image, methods, processes, item.label, item.return_heatmaps,
                          pairs=pairs)
 
-    def check(self, items: Sequence[CheckItem]) -> list[CheckResult]:
-        """Return one CheckResult per item, in order. Items are validated first (resolve)."""
-        return self.check_with_evidence(items)[0]
+    def check(self, items: Sequence[CheckItem], *, resolved: bool = False
+              ) -> list[CheckResult]:
+        """Return one CheckResult per item, in order. Items are validated first (resolve),
+        unless `resolved` says they came from `resolve` already (the batcher's items)."""
+        return self.check_with_evidence(items, resolved=resolved)[0]
 
     def check_with_evidence(self, items: Sequence[CheckItem],
-                            plan: EvidencePlan | None = None
+                            plan: EvidencePlan | None = None, *, resolved: bool = False
                             ) -> tuple[list[CheckResult], Evidence | None]:
         """Return the results and the raw evidence of the items that are not
         prediction-only (in order), computed for `plan` (default: the verdict's)."""
         if not items:
             return [], None
-        resolved = [self.resolve(item) for item in items]
+        if not resolved:
+            items = [self.resolve(item) for item in items]
         with self._lock:
-            return self._check_locked(resolved, plan or self.plan)
+            return self._check_locked(list(items), plan or self.plan)
 
     def _use_shared(self, method: str) -> bool:
         return self._shared_heatmaps and self._pass.supports(method)
@@ -410,9 +413,10 @@ class Engine:
             batch_size=count,
         )
         results = []
-        logits_cpu, probs_cpu, pred_cpu = logits.cpu(), probabilities.cpu(), predicted.cpu()
+        logits_rows, probs_rows = logits.cpu().tolist(), probabilities.cpu().tolist()
+        classes = predicted.cpu().tolist()
         for i, item in enumerate(requested):
-            cls = int(pred_cpu[i])
+            cls = classes[i]
             maps = {}
             if item.return_heatmaps:
                 for name in item.methods:
@@ -420,9 +424,9 @@ class Engine:
             results.append(CheckResult(
                 class_index=cls,
                 class_name=bundle.class_names[cls],
-                probability=float(probs_cpu[i, cls]),
-                logits=logits_cpu[i].tolist(),
-                probabilities=probs_cpu[i].tolist(),
+                probability=probs_rows[i][cls],
+                logits=logits_rows[i],
+                probabilities=probs_rows[i],
                 scores=scores[i],
                 heatmaps=maps,
                 verdict=verdicts[i],
