@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 
-.PHONY: serve test lint proto train-demo venv tools system-deps calibrate-demo bench bench-flag bench-gax clean
+.PHONY: serve test lint proto train-demo venv tools system-deps calibrate-demo bench bench-flag bench-gax bench-memory clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -63,6 +63,10 @@ bench-flag: $(STAMP)
 # Throughput, latency and memory (engine and service level), written to bench/results/.
 bench: $(STAMP)
 	$(BIN)/python bench/throughput.py
+
+# Peak RSS with the largest accepted inputs sent concurrently, written to bench/results/.
+bench-memory: $(STAMP)
+	$(BIN)/python bench/memory.py
 
 # GAX steps and seconds on the demo model and a ResNet-18, written to bench/results/.
 bench-gax: $(STAMP)

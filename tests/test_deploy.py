@@ -85,6 +85,11 @@ def test_probes_security_and_drain_fit_together():
     grace = float(env["AXGUARD_SERVER__GRACE_SECONDS"])
     assert spec["terminationGracePeriodSeconds"] > pre_stop + grace
     assert container["resources"]["requests"] and container["resources"]["limits"]
+    # The memory limit covers the request budget plus the server's own resident memory
+    # (bench/results/memory.md: about 1.1 GiB with the CUDA torch build, less on CPU wheels).
+    limit_mib = int(container["resources"]["limits"]["memory"].removesuffix("Gi")) * 1024
+    budget_mib = int(env["AXGUARD_SERVER__MEMORY_BUDGET_MIB"])
+    assert limit_mib >= budget_mib + 768
 
 
 def test_overlay_mounts_model_config_and_calibration():

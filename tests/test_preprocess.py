@@ -125,3 +125,49 @@ def test_bad_tensors_are_refused_naming_the_field(shape, values, field, match):
     with pytest.raises(InvalidInput, match=match) as info:
         tensor_from_bytes(shape, values.astype("<f4").tobytes(), SPEC3)
     assert info.value.field == field
+
+
+def test_decode_plan_by_hand():
+    from axguard.preprocess import decode_plan
+
+    mib = 2**20
+    # 1 GiB, 8 workers × 3 copies × 16 MiB = 384 MiB in flight; 640 MiB left: 2 decodes of
+    # 320 MiB, at 10 bytes a pixel
+    assert decode_plan(1024 * mib, 8, 16 * mib) == (2, 640 * mib // 20)
+    assert decode_plan(1024 * mib, 2, 16 * mib) == (2, 928 * mib // 20)  # one per worker
+    assert decode_plan(100 * mib, 8, mib) == (1, 76 * mib // 10)  # at least one
+    with pytest.raises(ValueError, match="at least 32 MiB"):
+        decode_plan(400 * mib, 8, 16 * mib)
+
+
+def _gradient_image(size: int) -> Image.Image:
+    ramp = np.linspace(0, 255, size, dtype=np.float32)
+    rgb = np.stack([np.add.outer(ramp, ramp) / 2, np.tile(ramp, (size, 1)),
+                    np.tile(ramp[:, None], (1, size))], axis=-1)
+    return Image.fromarray(rgb.astype(np.uint8), "RGB")
+
+
+def test_large_images_are_shrunk_in_pixel_space_with_the_same_result():
+    from axguard.preprocess import _shrink, _to_unit_array
+
+    spec = InputSpec(3, 32, 32, (0.5,) * 3, (0.5,) * 3)
+    image = _gradient_image(1024)
+    assert _shrink(image, spec).size == (64, 64)  # 16× reduction keeps ≥ 2× the input
+    direct = torch.nn.functional.interpolate(
+        torch.from_numpy(_to_unit_array(image)).permute(2, 0, 1)[None], size=(32, 32),
+        mode="bilinear", align_corners=False, antialias=True)[0]
+    assert (image_to_tensor(image, spec) - direct).abs().max() < 0.02
+    for mode in ("P", "1", "I;16", "LA"):
+        assert image_to_tensor(image.convert(mode) if mode != "I;16" else
+                               image.convert("L").convert("I;16"), spec).shape == (3, 32, 32)
+
+
+def test_jpeg_is_decoded_at_reduced_size_with_the_same_result():
+    spec = InputSpec(3, 32, 32, (0.5,) * 3, (0.5,) * 3)
+    image = _gradient_image(2048)
+    jpeg, png = io.BytesIO(), io.BytesIO()
+    image.save(jpeg, "JPEG", quality=95)
+    image.save(png, "PNG")
+    from_jpeg = decode_image(jpeg.getvalue(), spec, max_pixels=10**8)
+    from_png = decode_image(png.getvalue(), spec, max_pixels=10**8)
+    assert (from_jpeg - from_png).abs().max() < 0.03

@@ -347,3 +347,38 @@ def test_the_least_confident_wrong_test_digit_is_flagged(client, hardest_wrong_d
     assert response.prediction.class_index != label
     assert response.verdict.likely_wrong
     assert response.verdict.risk > response.verdict.threshold
+
+
+def test_decode_limits_follow_the_memory_budget():
+    from axguard.config import load_settings
+    from axguard.errors import ConfigError
+    from axguard.server import input_limits
+
+    mib = 2**20
+    limits = input_limits(load_settings())
+    assert limits.max_image_pixels == 640 * mib // 20  # 1 GiB − 384 MiB in flight, 2 decodes
+    small = input_limits(load_settings(server={"memory_budget_mib": 128,
+                                               "max_image_bytes": mib}))
+    assert small.max_image_pixels == 104 * mib // 10
+    with pytest.raises(ConfigError) as info:
+        input_limits(load_settings(server={"max_image_pixels": 10**9}))
+    assert info.value.field == "server.max_image_pixels"
+    with pytest.raises(ConfigError) as info:
+        input_limits(load_settings(server={"memory_budget_mib": 256}))
+    assert info.value.field == "server.memory_budget_mib"
+
+
+def test_an_image_over_the_budget_is_resource_exhausted(demo_engine):
+    # 64 MiB − 8 × 3 × 1 MiB in flight: one decode of 40 MiB, 4.2 M pixels
+    server = RunningServer(demo_engine, memory_budget_mib=64, max_image_bytes=2**20)
+    try:
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.new("L", (3000, 3000)).save(buffer, "PNG")  # 9 M pixels, a few KB of PNG
+        with AxguardClient(server.target, timeout=30) as c:
+            with pytest.raises(ResourceExhausted, match="image.encoded: image has 3000x3000"):
+                c.check(buffer.getvalue())
+            assert c.check(DIGITS[2]).prediction.class_name == "2"
+    finally:
+        server.stop()

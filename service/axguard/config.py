@@ -106,8 +106,15 @@ class ServerSettings(BaseModel):
     """Largest request or response message, in bytes."""
     max_image_bytes: int = Field(default=16 * 1024 * 1024, ge=1)
     """Largest encoded image, in bytes (larger: RESOURCE_EXHAUSTED)."""
-    max_image_pixels: int = Field(default=40_000_000, ge=1)
-    """Largest decoded image, in pixels (larger: RESOURCE_EXHAUSTED)."""
+    memory_budget_mib: int = Field(default=1024, ge=64)
+    """Memory for handling request images, in MiB: the bytes of max_workers requests in
+    flight (3 × max_image_bytes each), then decoding. The number of concurrent decodes (one
+    per 256 MiB left, at least 1, at most max_workers) and the pixel limit (what is left /
+    (decodes × 10 bytes)) follow from it; the container's memory limit must cover it plus
+    the model's own resident memory."""
+    max_image_pixels: int | None = Field(default=None, ge=1)
+    """Largest decoded image, in pixels (larger: RESOURCE_EXHAUSTED); default: from
+    memory_budget_mib. A value above what the budget allows is refused at start-up."""
     max_batch_items: int = Field(default=256, ge=1)
     """Most items in one CheckBatch (more: RESOURCE_EXHAUSTED)."""
     grace_seconds: float = Field(default=10.0, ge=0)

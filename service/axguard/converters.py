@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +26,8 @@ class InputLimits:
 
     max_image_bytes: int
     max_image_pixels: int
+    decodes: threading.BoundedSemaphore | None = None
+    """At most this many encoded images are decoded at once (the memory budget)."""
 
 
 def tensor_to_proto(tensor: torch.Tensor) -> pb.Tensor:
@@ -83,8 +87,11 @@ def image_from_proto(image: pb.Image, bundle: ModelBundle, limits: InputLimits,
                 f"has {len(image.encoded)} bytes, limit {limits.max_image_bytes}",
                 field=f"{prefix}image.encoded",
             )
-        return decode_image(image.encoded, bundle.spec, max_pixels=limits.max_image_pixels,
-                            field=f"{prefix}image.encoded")
+        gate = limits.decodes or contextlib.nullcontext()
+        with gate:
+            return decode_image(image.encoded, bundle.spec,
+                                max_pixels=limits.max_image_pixels,
+                                field=f"{prefix}image.encoded")
     return tensor_from_bytes(list(image.tensor.shape), image.tensor.data, bundle.spec,
                              field=f"{prefix}image.tensor")
 

@@ -10,6 +10,8 @@ antialiasing; aspect ratio is not kept).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import io
 import math
 import warnings
@@ -22,6 +24,58 @@ from .errors import InputTooLarge, InvalidInput
 from .model import InputSpec
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
+DECODE_BYTES_PER_PIXEL = 10
+"""Peak bytes per pixel of decoding one image (measured: RGBA PNG 7.6, palette PNG 4.8,
+JPEG ≈ 0 thanks to DCT scaling; 10 leaves room for 16-bit and LA images)."""
+BUDGET_PER_DECODE = 256 * 2**20
+MESSAGE_COPIES = 3
+"""Copies of a request's bytes alive while it is handled (gRPC's buffer, the parsed
+message, the bytes handed to the decoder)."""
+LARGE_DECODE_PIXELS = 4_000_000
+"""Above this, freed decoder memory is handed back to the OS at once (malloc_trim)."""
+
+
+def decode_plan(budget_bytes: int, max_workers: int, max_image_bytes: int
+                ) -> tuple[int, int]:
+    """Return (concurrent decodes, pixel limit) for a request memory budget.
+
+    The budget first holds the bytes of `max_workers` requests in flight
+    (MESSAGE_COPIES × max_image_bytes each); the rest is for decoding: one decode per
+    256 MiB of it (at least 1, at most one per RPC worker), each allowed that share
+    divided by DECODE_BYTES_PER_PIXEL pixels. ValueError when less than 32 MiB is left.
+    """
+    decoding = budget_bytes - max_workers * MESSAGE_COPIES * max_image_bytes
+    if decoding < BUDGET_PER_DECODE // 8:
+        raise ValueError(
+            f"a budget of {budget_bytes / 2**20:.0f} MiB leaves {decoding / 2**20:.0f} MiB "
+            f"for decoding after {max_workers} requests of up to {max_image_bytes / 2**20:.1f}"
+            f" MiB in flight; at least {BUDGET_PER_DECODE // 8 / 2**20:.0f} MiB are needed")
+    decodes = max(1, min(max_workers, decoding // BUDGET_PER_DECODE))
+    return decodes, decoding // (decodes * DECODE_BYTES_PER_PIXEL)
+
+
+def _release_memory() -> None:
+    """Return freed heap pages to the OS (glibc keeps them after a large decode)."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _shrink(image: Image.Image, spec: InputSpec) -> Image.Image:
+    """Return the image box-reduced by a whole factor while it stays ≥ 2× the input size.
+
+    Working in Pillow's 8-bit (or 32-bit) pixels before any float copy keeps the memory of
+    a huge image to about its decoded size; the final antialiased resize does the rest.
+    """
+    factor = min(image.width // (2 * spec.width), image.height // (2 * spec.height))
+    if factor < 2:
+        return image
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif image.mode == "1":
+        image = image.convert("L")
+    elif image.mode.startswith("I;16"):
+        image = image.convert("I")
+    return image.reduce(factor)
 
 
 def _flatten_alpha(image: Image.Image) -> Image.Image:
@@ -54,7 +108,7 @@ def _to_unit_array(image: Image.Image) -> np.ndarray:
 
 def image_to_tensor(image: Image.Image, spec: InputSpec) -> torch.Tensor:
     """Return the model input for a PIL image: (C, H, W) float32 in [0, 1]."""
-    arr = _to_unit_array(image)
+    arr = _to_unit_array(_shrink(image, spec))
     tensor = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
     if tensor.shape[0] == 1 and spec.channels == 3:
         tensor = tensor.expand(3, -1, -1)
@@ -88,6 +142,10 @@ def decode_image(
                     f"image has {image.width}x{image.height} pixels, limit {max_pixels}",
                     field=field,
                 )
+            if image.format == "JPEG":
+                # DCT scaling: decode at 1/2, 1/4 or 1/8 size while still ≥ the input size.
+                image.draft("RGB" if image.mode not in ("L", "RGB") else image.mode,
+                            (spec.width, spec.height))
             image.load()
     except InputTooLarge:
         raise
@@ -110,6 +168,11 @@ def decode_image(
                             field=field) from err
     except Exception as err:  # noqa: BLE001  (as above)
         raise InvalidInput(f"unsupported image ({image.mode}): {err}", field=field) from err
+    finally:
+        if image.width * image.height > LARGE_DECODE_PIXELS:
+            image.close()
+            del image
+            _release_memory()
 
 
 def tensor_from_bytes(

@@ -47,6 +47,7 @@ from .errors import (
     NotReady,
 )
 from .metrics import EngineCollector, Metrics
+from .preprocess import decode_plan
 from .v1 import confidence_pb2 as pb
 from .v1 import confidence_pb2_grpc as pb_grpc
 
@@ -122,6 +123,26 @@ def rpc_stream_method(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def input_limits(settings: Settings) -> InputLimits:
+    """Return the decoding limits that follow from the memory budget (see decode_plan)."""
+    srv = settings.server
+    try:
+        decodes, pixels = decode_plan(srv.memory_budget_mib * 2**20, srv.max_workers,
+                                      srv.max_image_bytes)
+    except ValueError as err:
+        raise ConfigError(f"{err}: raise it, or lower server.max_image_bytes or "
+                          "server.max_workers", field="server.memory_budget_mib") from err
+    if srv.max_image_pixels is not None and srv.max_image_pixels > pixels:
+        raise ConfigError(
+            f"{srv.max_image_pixels} pixels do not fit the memory budget of "
+            f"{srv.memory_budget_mib} MiB with {decodes} concurrent decodes (at most "
+            f"{pixels}); raise server.memory_budget_mib", field="server.max_image_pixels")
+    log.info("decode_limits", extra={"concurrent_decodes": decodes,
+                                     "max_image_pixels": srv.max_image_pixels or pixels})
+    return InputLimits(srv.max_image_bytes, srv.max_image_pixels or pixels,
+                       threading.BoundedSemaphore(decodes))
+
+
 class ConfidenceServicer(pb_grpc.ConfidenceServiceServicer):
     """axguard.v1.ConfidenceService: validate → convert → engine → convert back."""
 
@@ -131,8 +152,7 @@ class ConfidenceServicer(pb_grpc.ConfidenceServiceServicer):
         b = settings.batching
         self.batcher = DynamicBatcher(engine, max_batch_size=b.max_batch_size,
                                       max_delay=b.max_delay_ms / 1e3, max_queue=b.max_queue)
-        self.limits = InputLimits(settings.server.max_image_bytes,
-                                  settings.server.max_image_pixels)
+        self.limits = input_limits(settings)
         self.max_batch_items = settings.server.max_batch_items
         self.gax = settings.gax
         self.draining = False
