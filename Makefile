@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 
-.PHONY: serve test lint proto train-demo venv tools system-deps calibrate-demo bench bench-flag bench-gax bench-memory clean
+.PHONY: serve test lint proto train-demo venv tools system-deps calibrate-demo bench bench-flag bench-gax bench-memory fuzz clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -67,6 +67,12 @@ bench: $(STAMP)
 # Peak RSS with the largest accepted inputs sent concurrently, written to bench/results/.
 bench-memory: $(STAMP)
 	$(BIN)/python bench/memory.py
+
+# The whole fuzz run (make test sends 3,000 of the same seeded cases), summary in bench/results/.
+FUZZ_REQUESTS ?= 20000
+fuzz: $(STAMP)
+	AXGUARD_FUZZ_REQUESTS=$(FUZZ_REQUESTS) AXGUARD_FUZZ_REPORT=bench/results/fuzz.json \
+	  $(BIN)/pytest -q tests/test_fuzz.py tests/test_properties.py --hypothesis-seed=0
 
 # GAX steps and seconds on the demo model and a ResNet-18, written to bench/results/.
 bench-gax: $(STAMP)

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -325,6 +326,40 @@ def _finite_step(step: Any) -> bool:
     return all(map(math.isfinite, values)) and bool(torch.isfinite(step.heatmap).all())
 
 
+@dataclass(frozen=True)
+class _Unparsable:
+    """Stands in for a request whose bytes are not a valid message."""
+
+    message_type: str
+    error: str
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """Wrap a request deserializer so that bad bytes become `_Unparsable`, which the handler
+    refuses with INVALID_ARGUMENT (grpc itself would answer INTERNAL)."""
+    if deserializer is None:
+        return None
+    owner = getattr(deserializer, "__self__", None)
+    name = getattr(getattr(owner, "DESCRIPTOR", None), "full_name", "request message")
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as err:  # noqa: BLE001  (client bytes)
+            return _Unparsable(name, type(err).__name__)
+
+    return parse
+
+
+def _refuse_unparsable(request: Any, method: str, context: grpc.ServicerContext) -> None:
+    if isinstance(request, _Unparsable):
+        log.info("rpc_rejected", extra={"rpc": method, "code": "INVALID_ARGUMENT",
+                                        "reason": f"unparsable {request.message_type}"})
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                      f"request: the bytes are not a valid {request.message_type} "
+                      f"({request.error})")
+
+
 class MetricsInterceptor(grpc.ServerInterceptor):
     """Counts every RPC by method and status code, times it, and tracks in-flight RPCs."""
 
@@ -371,6 +406,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         if handler is None or not (handler.unary_unary or handler.unary_stream):
             return handler
         method = details.method.rsplit("/", 1)[-1]
+        parse = _tolerant(handler.request_deserializer)
 
         if handler.unary_unary:
             inner = handler.unary_unary
@@ -379,6 +415,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
                 start, failed = time.perf_counter(), True
                 self._enter()
                 try:
+                    _refuse_unparsable(request, method, context)
                     response = inner(request, context)
                     failed = False
                     return response
@@ -386,7 +423,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
                     self._record(method, context, start, failed)
 
             return grpc.unary_unary_rpc_method_handler(
-                unary, request_deserializer=handler.request_deserializer,
+                unary, request_deserializer=parse,
                 response_serializer=handler.response_serializer)
 
         inner_stream = handler.unary_stream
@@ -395,6 +432,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             start, failed, cancelled = time.perf_counter(), True, False
             self._enter()
             try:
+                _refuse_unparsable(request, method, context)
                 yield from inner_stream(request, context)
                 failed = False
             except GeneratorExit:  # the call ended (client cancelled or deadline)
@@ -404,7 +442,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
                 self._record(method, context, start, failed, cancelled)
 
         return grpc.unary_stream_rpc_method_handler(
-            stream, request_deserializer=handler.request_deserializer,
+            stream, request_deserializer=parse,
             response_serializer=handler.response_serializer)
 
 

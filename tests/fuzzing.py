@@ -1,0 +1,241 @@
+"""A seeded generator of malformed and hostile requests over every RPC, and a runner.
+
+Every case is sent as raw bytes through a generic channel (so unparsable protobuf is
+possible) and names the status codes the README documents for it. The service must never
+answer INTERNAL or UNKNOWN, and must keep serving. Used by tests/test_fuzz.py (a fast
+subset in `make test`) and `make fuzz` (the whole run, written to bench/results/fuzz.json).
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+from PIL import Image
+
+from axguard.v1 import confidence_pb2 as pb
+
+SERVICE = "/axguard.v1.ConfidenceService/"
+C = grpc.StatusCode
+BAD = frozenset({C.INVALID_ARGUMENT})
+BAD_OR_BIG = frozenset({C.INVALID_ARGUMENT, C.RESOURCE_EXHAUSTED})
+FORBIDDEN = frozenset({C.INTERNAL, C.UNKNOWN})
+
+
+@dataclass(frozen=True)
+class Case:
+    """One hostile request: raw bytes for one RPC, and the codes it may get."""
+
+    kind: str
+    rpc: str
+    payload: bytes
+    allowed: frozenset
+    timeout: float = 30.0
+    cancel_after: float | None = None
+    """Cancel the call after this many seconds (streams only)."""
+
+
+def _digit(size: int = 8) -> Image.Image:
+    rng = np.random.default_rng(size)
+    return Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8), "RGB")
+
+
+def _encoded(fmt: str, **kwargs: object) -> bytes:
+    buffer = io.BytesIO()
+    image = _digit(16)
+    if fmt == "GIF":
+        image = image.convert("P")
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+CORPUS = {fmt: _encoded(fmt) for fmt in ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")}
+ACCEPTED = ("PNG", "JPEG", "BMP", "TIFF")
+
+
+def _png_with_size(width: int, height: int) -> bytes:
+    """A PNG whose header claims width × height (a decompression bomb's header)."""
+    data = bytearray(CORPUS["PNG"])
+    struct.pack_into(">II", data, 16, width, height)  # IHDR width, height (CRC now wrong)
+    return bytes(data)
+
+
+def _tiff_bad_tag(tag: int, type_code: int) -> bytes:
+    data = bytearray(CORPUS["TIFF"])
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for k in range(struct.unpack_from("<H", data, ifd)[0]):
+        entry = ifd + 2 + 12 * k
+        if struct.unpack_from("<H", data, entry)[0] == tag:
+            struct.pack_into("<H", data, entry + 2, type_code)
+    return bytes(data)
+
+
+def _check(image: pb.Image, **fields: object) -> bytes:
+    return pb.CheckRequest(image=image, **fields).SerializeToString()
+
+
+def _tensor(shape: list[int], values: np.ndarray) -> pb.Image:
+    return pb.Image(tensor=pb.Tensor(shape=shape, data=values.astype("<f4").tobytes()))
+
+
+def hostile_cases(seed: int, count: int, shape: tuple[int, int, int] = (3, 32, 32)
+                  ) -> Iterator[Case]:
+    """Yield `count` hostile cases, the same ones for the same seed."""
+    rng = np.random.default_rng(seed)
+    good = _tensor(list(shape), np.full(shape, 0.5))
+    kinds = [
+        "random_bytes", "truncated", "bit_flipped", "header_fuzz", "other_format", "bomb",
+        "tiff_tag_type", "bad_tensor", "bad_enum", "bad_label", "batch", "empty_batch",
+        "diagnose_options", "unparsable", "tiny_deadline", "cancelled_stream", "model_info",
+    ]
+    for i in range(count):
+        kind = kinds[int(rng.integers(len(kinds)))] if i >= len(kinds) else kinds[i]
+        fmt = ACCEPTED[int(rng.integers(len(ACCEPTED)))]
+        if kind == "random_bytes":
+            data = rng.bytes(int(rng.integers(0, 2000)))
+            yield Case(kind, "Check", _check(pb.Image(encoded=data)), BAD)
+        elif kind == "truncated":
+            data = CORPUS[fmt]
+            cut = data[: int(rng.integers(0, len(data)))]
+            yield Case(kind, "Check", _check(pb.Image(encoded=cut)), BAD | {C.OK})
+        elif kind == "bit_flipped":
+            data = bytearray(CORPUS[fmt])
+            for _ in range(int(rng.integers(1, 20))):
+                pos = int(rng.integers(len(data)))
+                data[pos] ^= 1 << int(rng.integers(8))
+            yield Case(kind, "Check", _check(pb.Image(encoded=bytes(data))),
+                       BAD_OR_BIG | {C.OK})
+        elif kind == "header_fuzz":
+            data = bytearray(CORPUS[fmt])
+            head = min(64, len(data))
+            data[:head] = rng.bytes(head) if rng.random() < 0.3 else bytes(
+                b if rng.random() > 0.1 else int(rng.integers(256)) for b in data[:head])
+            yield Case(kind, "Check", _check(pb.Image(encoded=bytes(data))),
+                       BAD_OR_BIG | {C.OK})
+        elif kind == "other_format":
+            other = ("GIF", "WEBP")[int(rng.integers(2))]
+            yield Case(kind, "Check", _check(pb.Image(encoded=CORPUS[other])), BAD)
+        elif kind == "bomb":
+            side = int(rng.choice([20_000, 65_535, 100_000, 2**31 - 1]))
+            yield Case(kind, "Check", _check(pb.Image(encoded=_png_with_size(side, side))),
+                       BAD_OR_BIG)
+        elif kind == "tiff_tag_type":
+            tag = int(rng.choice([273, 279, 256, 257, 258, 259, 262, 277, 278]))
+            yield Case(kind, "Check", _check(pb.Image(encoded=_tiff_bad_tag(
+                tag, int(rng.integers(1, 13))))), BAD_OR_BIG | {C.OK})
+        elif kind == "bad_tensor":
+            choice = int(rng.integers(5))
+            if choice == 0:
+                bad = _tensor([int(s) for s in rng.integers(-3, 64, 3)], np.zeros(10))
+            elif choice == 1:
+                bad = pb.Image(tensor=pb.Tensor(shape=list(shape),
+                                                data=rng.bytes(int(rng.integers(0, 100)))))
+            elif choice == 2:
+                bad = _tensor(list(shape), np.full(shape, rng.choice([np.nan, np.inf, -np.inf])))
+            elif choice == 3:
+                bad = _tensor(list(shape), rng.normal(0, 10, shape))
+            else:
+                bad = _tensor([2**40, 2**40, 3], np.zeros(3))
+            yield Case(kind, "Check", _check(bad), BAD)
+        elif kind == "bad_enum":
+            field = ("methods", "ax_processes")[int(rng.integers(2))]
+            values = [int(v) for v in rng.integers(-5, 50, int(rng.integers(1, 4)))]
+            payload = pb.CheckRequest(image=good, **{field: values}).SerializeToString()
+            allowed = BAD | ({C.OK} if all(0 < v <= (6 if field == "methods" else 2)
+                                           for v in values) else set())
+            yield Case(kind, "Check", payload, frozenset(allowed))
+        elif kind == "bad_label":
+            label = int(rng.choice([-1, 10, 2**31 - 1, -(2**31)]))
+            only = rng.random() < 0.5
+            yield Case(kind, "Check", _check(good, label=label, prediction_only=only), BAD)
+        elif kind == "batch":
+            items = []
+            for _ in range(int(rng.integers(1, 6))):
+                items.append(pb.CheckRequest(image=pb.Image(encoded=rng.bytes(50)))
+                             if rng.random() < 0.5 else pb.CheckRequest(image=good))
+            if rng.random() < 0.1:
+                items = [pb.CheckRequest(image=good)] * 300  # over max_batch_items
+            yield Case(kind, "CheckBatch",
+                       pb.CheckBatchRequest(requests=items).SerializeToString(),
+                       frozenset({C.OK, C.RESOURCE_EXHAUSTED}))
+        elif kind == "empty_batch":
+            yield Case(kind, "CheckBatch", b"", BAD)
+        elif kind == "diagnose_options":
+            request = pb.DiagnoseRequest(image=good, max_steps=int(rng.integers(-5, 3)))
+            option = int(rng.integers(5))
+            if option == 0:
+                request.similarity_weight = float(rng.choice([3e38, -1.0, np.nan, np.inf]))
+            elif option == 1:
+                request.learning_rate = float(rng.choice([0.0, -1.0, 1e30, np.nan]))
+            elif option == 2:
+                request.target_class = int(rng.choice([-1, 10, 2**31 - 1]))
+            elif option == 3:
+                request.target_co = float(rng.choice([np.nan, np.inf, -np.inf]))
+            else:
+                request.snapshot_every = -int(rng.integers(1, 100))
+            yield Case(kind, "Diagnose", request.SerializeToString(),
+                       BAD | {C.OK, C.RESOURCE_EXHAUSTED})
+        elif kind == "unparsable":
+            rpc = ("Check", "CheckBatch", "Diagnose", "GetModelInfo")[int(rng.integers(4))]
+            data = b"\xff" + rng.bytes(int(rng.integers(0, 40)))
+            # Unknown fields are legal protobuf: some garbage parses as an empty message.
+            yield Case(kind, rpc, data, BAD | ({C.OK} if rpc == "GetModelInfo" else set()))
+        elif kind == "tiny_deadline":
+            yield Case(kind, "Check", _check(good), frozenset({C.OK, C.DEADLINE_EXCEEDED}),
+                       timeout=0.001)
+        elif kind == "cancelled_stream":
+            request = pb.DiagnoseRequest(image=good, max_steps=2000, target_co=1e9)
+            yield Case(kind, "Diagnose", request.SerializeToString(),
+                       frozenset({C.CANCELLED, C.RESOURCE_EXHAUSTED}),
+                       cancel_after=float(rng.uniform(0.0, 0.2)))
+        else:
+            yield Case(kind, "GetModelInfo", b"", frozenset({C.OK}))
+
+
+@dataclass
+class FuzzReport:
+    """What a run saw."""
+
+    sent: int
+    codes: Counter
+    violations: list[str]
+
+
+def run_cases(channel: grpc.Channel, cases: list[Case], threads: int = 8) -> FuzzReport:
+    """Send every case from `threads` threads; return the codes and every violation."""
+    codes: Counter = Counter()
+    violations: list[str] = []
+    lock = threading.Lock()
+    identity = {"request_serializer": None, "response_deserializer": None}
+
+    def one(case: Case) -> None:
+        code = C.OK
+        try:
+            if case.rpc == "Diagnose":
+                call = channel.unary_stream(SERVICE + "Diagnose", **identity)(
+                    case.payload, timeout=case.timeout)
+                if case.cancel_after is not None:
+                    threading.Timer(case.cancel_after, call.cancel).start()
+                for _ in call:
+                    pass
+            else:
+                channel.unary_unary(SERVICE + case.rpc, **identity)(case.payload,
+                                                                    timeout=case.timeout)
+        except grpc.RpcError as err:
+            code = err.code()
+        with lock:
+            codes[(case.kind, code.name)] += 1
+            if code in FORBIDDEN or code not in case.allowed:
+                violations.append(f"{case.kind} {case.rpc}: {code.name} "
+                                  f"(allowed {sorted(c.name for c in case.allowed)})")
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, cases))
+    return FuzzReport(len(cases), codes, violations)
