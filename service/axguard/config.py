@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -91,6 +91,42 @@ class AttributionSettings(BaseModel):
         return value
 
 
+class TlsSettings(BaseModel):
+    """TLS on the gRPC port: off unless cert_file and key_file are set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cert_file: Path | None = None
+    """PEM certificate chain of the server; reloaded when the file changes."""
+    key_file: Path | None = None
+    """PEM private key of the server; reloaded when the file changes."""
+    client_ca_file: Path | None = None
+    """PEM CA bundle: when set, clients must present a certificate it signed (mutual TLS)."""
+
+    @model_validator(mode="after")
+    def _complete(self) -> TlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("server.tls needs both cert_file and key_file")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ValueError("server.tls.client_ca_file needs cert_file and key_file")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """True when TLS is configured."""
+        return self.cert_file is not None
+
+
+class AuthSettings(BaseModel):
+    """Optional bearer tokens."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    token_file: Path | None = None
+    """File with one accepted token per line (e.g. a mounted Secret), reread when it
+    changes; every RPC but health then needs `authorization: Bearer <token>`."""
+
+
 class ServerSettings(BaseModel):
     """The gRPC server."""
 
@@ -119,6 +155,10 @@ class ServerSettings(BaseModel):
     """Most items in one CheckBatch (more: RESOURCE_EXHAUSTED)."""
     grace_seconds: float = Field(default=10.0, ge=0)
     """On SIGTERM, how long in-flight requests may finish, in seconds."""
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+    """TLS and mutual TLS."""
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    """Bearer tokens."""
 
 
 class BatchingSettings(BaseModel):

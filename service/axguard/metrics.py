@@ -61,6 +61,9 @@ class Metrics:
                                 registry=r)
         self.rpcs = Counter("axguard_grpc_requests", "RPCs by method and status code.",
                             ["grpc_method", "grpc_code"], registry=r)
+        self.auth_refused = Counter("axguard_auth_refused",
+                                    "RPCs refused for a missing or invalid bearer token.",
+                                    ["grpc_method"], registry=r)
         self.rpc_duration = Histogram("axguard_grpc_request_duration_seconds",
                                       "Seconds per RPC.", ["grpc_method"],
                                       buckets=SECONDS_BUCKETS, registry=r)

@@ -49,6 +49,7 @@ from .errors import (
 )
 from .metrics import EngineCollector, Metrics
 from .preprocess import decode_plan
+from .security import CertificateFiles, TokenFile, TokenInterceptor
 from .v1 import confidence_pb2 as pb
 from .v1 import confidence_pb2_grpc as pb_grpc
 
@@ -462,10 +463,16 @@ def build_server(
     metrics.set_model(bundle.version, bundle.fingerprint, calibration_id)
     limit = settings.server.max_message_bytes
     interceptor = MetricsInterceptor(metrics)
+    interceptors: list[grpc.ServerInterceptor] = [interceptor]  # outermost: counts refusals
+    auth = settings.server.auth
+    if auth.token_file is not None:
+        tokens = TokenFile(auth.token_file)
+        interceptors.append(TokenInterceptor(
+            tokens, lambda rpc: metrics.auth_refused.labels(rpc).inc()))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.server.max_workers,
                                    thread_name_prefix="axguard-rpc"),
-        interceptors=[interceptor],
+        interceptors=interceptors,
         options=[("grpc.max_receive_message_length", limit),
                  ("grpc.max_send_message_length", limit)],
     )
@@ -485,7 +492,14 @@ def build_server(
         server,
     )
     address = f"{settings.server.host}:{settings.server.port}"
-    port = server.add_insecure_port(address)
+    tls = settings.server.tls
+    if tls.enabled:
+        assert tls.cert_file is not None and tls.key_file is not None
+        certificates = CertificateFiles(tls.cert_file, tls.key_file, tls.client_ca_file)
+        server.axguard_certificates = certificates  # type: ignore[attr-defined]
+        port = server.add_secure_port(address, certificates.credentials())
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise ConfigError(f"cannot bind {address}", field="server.port")
     return server, port, health_servicer

@@ -14,6 +14,7 @@ from .errors import (
     InvalidArgument,
     ResourceExhausted,
     ServerError,
+    Unauthenticated,
     Unavailable,
 )
 
@@ -24,6 +25,7 @@ __all__ = [
     "InvalidArgument",
     "ResourceExhausted",
     "ServerError",
+    "Unauthenticated",
     "Unavailable",
     "ax_process_name",
     "ax_process_value",

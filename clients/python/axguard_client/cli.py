@@ -15,6 +15,17 @@ from .errors import ClientError
 DEFAULT_TARGET = "localhost:50051"
 
 
+def connect(args: argparse.Namespace) -> AxguardClient:
+    """Return a client for the target, TLS and token options of a client subcommand."""
+    token = None
+    if args.token_file is not None:
+        lines = args.token_file.read_text().splitlines()
+        token = lines[0].strip() if lines else ""
+    return AxguardClient(args.target, timeout=args.timeout, tls_ca=args.tls_ca,
+                         tls_cert=args.tls_cert, tls_key=args.tls_key,
+                         tls_server_name=args.tls_server_name, token=token)
+
+
 def _split(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
@@ -27,6 +38,14 @@ def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
     common.add_argument("--timeout", type=float, default=30.0,
                         help="deadline of each call in seconds (default 30)")
     common.add_argument("--json", action="store_true", help="print the response as JSON")
+    tls = common.add_argument_group("TLS and tokens")
+    tls.add_argument("--tls-ca", type=Path, help="CA bundle that signed the server's "
+                                                 "certificate (turns TLS on)")
+    tls.add_argument("--tls-cert", type=Path, help="client certificate (mutual TLS)")
+    tls.add_argument("--tls-key", type=Path, help="client private key (mutual TLS)")
+    tls.add_argument("--tls-server-name", help="name to check in the server's certificate")
+    tls.add_argument("--token-file", type=Path,
+                     help="file whose first line is the bearer token to send")
 
     check = subparsers.add_parser("check", parents=[common],
                                   help="check images on a running server")
@@ -95,7 +114,7 @@ def format_check(path: Path, response: object) -> str:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    with AxguardClient(args.target, timeout=args.timeout) as client:
+    with connect(args) as client:
         failed = 0
         outputs = []
         for path in args.images:
@@ -123,7 +142,7 @@ def run_diagnose(args: argparse.Namespace) -> int:
     from .viewer import Diagnosis, render_html, write_png
 
     diagnosis = Diagnosis()
-    with AxguardClient(args.target, timeout=args.timeout) as client, tqdm(
+    with connect(args) as client, tqdm(
             total=args.max_steps, unit="step", desc="GAX", disable=args.json) as bar:
         try:
             for event in client.diagnose(
@@ -165,7 +184,7 @@ def run_diagnose(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    with AxguardClient(args.target, timeout=args.timeout) as client:
+    with connect(args) as client:
         try:
             info = client.model_info()
         except ClientError as err:
@@ -189,7 +208,7 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def run_health(args: argparse.Namespace) -> int:
-    with AxguardClient(args.target, timeout=args.timeout) as client:
+    with connect(args) as client:
         try:
             status = client.health(args.service)
         except ClientError as err:

@@ -72,6 +72,35 @@ def build_check_request(
     return request
 
 
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call."""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        metadata = [*(details.metadata or ()), self._header]
+        return _CallDetails(details.method, details.timeout, metadata, details.credentials,
+                            details.wait_for_ready, details.compression)
+
+    def intercept_unary_unary(self, continuation, details, request):  # noqa: ANN001, ANN201
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):  # noqa: ANN001, ANN201
+        return continuation(self._with_token(details), request)
+
+
+class _CallDetails(grpc.ClientCallDetails):
+    def __init__(self, method, timeout, metadata, credentials, wait_for_ready,  # noqa: ANN001
+                 compression) -> None:  # noqa: ANN001
+        self.method = method
+        self.timeout = timeout
+        self.metadata = metadata
+        self.credentials = credentials
+        self.wait_for_ready = wait_for_ready
+        self.compression = compression
+
+
 class AxguardClient:
     """A connection to an axguard server.
 
@@ -80,13 +109,36 @@ class AxguardClient:
     """
 
     def __init__(self, target: str = "localhost:50051", *, timeout: float = 30.0,
-                 max_message_bytes: int = 64 * 1024 * 1024) -> None:
+                 max_message_bytes: int = 64 * 1024 * 1024,
+                 tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,
+                 tls_key: str | Path | None = None, tls_server_name: str | None = None,
+                 token: str | None = None) -> None:
+        """Open a channel: TLS when any tls_* is given (`tls_ca` verifies the server,
+        `tls_cert` + `tls_key` present a client certificate for mutual TLS,
+        `tls_server_name` overrides the name checked in the server's certificate), and a
+        bearer token sent with every call when `token` is given."""
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(target, options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-        ])
+        options = [("grpc.max_receive_message_length", max_message_bytes),
+                   ("grpc.max_send_message_length", max_message_bytes)]
+        if tls_server_name:
+            options.append(("grpc.ssl_target_name_override", tls_server_name))
+        if any(v is not None for v in (tls_ca, tls_cert, tls_key, tls_server_name)):
+            if (tls_cert is None) != (tls_key is None):
+                raise ValueError("a client certificate needs both tls_cert and tls_key")
+
+            def read(path: str | Path | None) -> bytes | None:
+                return Path(path).read_bytes() if path is not None else None
+
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=read(tls_ca), private_key=read(tls_key),
+                certificate_chain=read(tls_cert))
+            channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            channel = grpc.insecure_channel(target, options=options)
+        if token:
+            channel = grpc.intercept_channel(channel, _BearerToken(token))
+        self._channel = channel
         self._stub = pb_grpc.ConfidenceServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 

@@ -5,6 +5,7 @@
     ├── ResourceExhausted   too large, or the server is full: back off and retry
     ├── Unavailable         not ready or shutting down: retry elsewhere or later
     ├── DeadlineExceeded    the call took longer than its timeout
+    ├── Unauthenticated     missing or invalid bearer token
     └── ServerError         INTERNAL and anything else: report with the request id
 """
 
@@ -38,6 +39,10 @@ class DeadlineExceeded(ClientError):
     """The call's deadline passed."""
 
 
+class Unauthenticated(ClientError):
+    """The server wants a valid `authorization: Bearer <token>` (see `token=`)."""
+
+
 class ServerError(ClientError):
     """The server failed (INTERNAL) or answered with another status."""
 
@@ -47,6 +52,7 @@ _BY_CODE: dict[grpc.StatusCode, type[ClientError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
 }
 
 
