@@ -92,6 +92,32 @@ def test_probes_security_and_drain_fit_together():
     assert limit_mib >= budget_mib + 768
 
 
+def test_network_policy_allows_grpc_and_metrics_only_and_no_egress():
+    out = run(tool("kubectl"), "kustomize", str(K8S / "base"))
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    policy = next(d for d in docs if d["kind"] == "NetworkPolicy")["spec"]
+    assert policy["policyTypes"] == ["Ingress", "Egress"] and policy["egress"] == []
+    ports = [p["port"] for rule in policy["ingress"] for p in rule["ports"]]
+    assert ports == ["grpc", "metrics"]
+    assert policy["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "server"
+
+
+def test_overlay_turns_on_tls_and_tokens_and_probes_through_tls():
+    spec = deployment("overlays/custom-model")["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["AXGUARD_SERVER__TLS__CERT_FILE"] == "/tls/tls.crt"
+    assert env["AXGUARD_SERVER__AUTH__TOKEN_FILE"] == "/auth/tokens"
+    secrets = {v["name"]: v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
+    assert secrets == {"tls": "axguard-tls", "auth": "axguard-tokens"}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        command = container[probe]["exec"]["command"]
+        assert "grpc" not in container[probe]  # kubelet's gRPC probe speaks plaintext only
+        assert command[:2] == ["axguard", "health"] and "--tls-ca" in command
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] and sc["capabilities"]["drop"] == ["ALL"]
+
+
 def test_overlay_mounts_model_config_and_calibration():
     spec = deployment("overlays/custom-model")["spec"]["template"]["spec"]
     mounts = {m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
