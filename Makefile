@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 
-.PHONY: serve test lint proto train-demo venv tools system-deps calibrate-demo bench bench-flag bench-gax bench-memory fuzz clean
+.PHONY: serve test lint proto train-demo venv tools system-deps calibrate-demo bench bench-flag bench-gax bench-memory fuzz soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -73,6 +73,11 @@ FUZZ_REQUESTS ?= 20000
 fuzz: $(STAMP)
 	AXGUARD_FUZZ_REQUESTS=$(FUZZ_REQUESTS) AXGUARD_FUZZ_REPORT=bench/results/fuzz.json \
 	  $(BIN)/pytest -q tests/test_fuzz.py tests/test_properties.py --hypothesis-seed=0
+
+# Steady mixed load with hostile requests; RSS, file descriptors, threads over time.
+DURATION ?= 600
+soak: $(STAMP)
+	DURATION=$(DURATION) $(BIN)/python bench/soak.py
 
 # GAX steps and seconds on the demo model and a ResNet-18, written to bench/results/.
 bench-gax: $(STAMP)
