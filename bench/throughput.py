@@ -105,10 +105,11 @@ def engine_level(bundle, batches: list[int], repeats: int) -> list[dict]:
     return rows
 
 
-def start_server(args: list[str]) -> tuple[subprocess.Popen, str]:
+def start_server(args: list[str], env: dict | None = None) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "axguard.cli", "serve", "--port", "0",
                              "--metrics-port", "0", "--calibration", "none", *args],
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, **(env or {})})
     for line in proc.stderr:
         if line.startswith("{") and json.loads(line)["event"] == "serving":
             threading.Thread(target=proc.stderr.read, daemon=True).start()
@@ -130,7 +131,8 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def load(address: str, request: pb.CheckRequest, clients: int, total: int) -> dict:
+def load(address: str, request: pb.CheckRequest, clients: int, total: int,
+         **client_options: object) -> dict:
     """Send `total` requests from `clients` threads; return throughput and latencies."""
     latencies: list[float] = []
     lock = threading.Lock()
@@ -146,7 +148,7 @@ def load(address: str, request: pb.CheckRequest, clients: int, total: int) -> di
             with lock:
                 latencies.append(time.perf_counter() - start)
 
-    with AxguardClient(address, timeout=300) as client:
+    with AxguardClient(address, timeout=300, **client_options) as client:
         client.check(request)  # warm the channel
         start = time.perf_counter()
         with ThreadPoolExecutor(max_workers=clients) as pool:
@@ -192,6 +194,69 @@ def service_level(name: str, args: list[str], spec: InputSpec, totals: dict[int,
     return {"rows": rows, "memory": {"model": name, **memory}}
 
 
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """Return (certificate, key) files of a self-signed certificate for 127.0.0.1."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = folder / "cert.pem", folder / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+def transport_security(folder: Path, total: int = 3000) -> list[dict]:
+    """Per-request cost of TLS and bearer tokens: the demo server's prediction_only path
+    (where the transport weighs most) with 8 clients, plaintext vs TLS vs TLS + token,
+    measured in one run."""
+    cert, key = self_signed(folder)
+    tokens = folder / "tokens"
+    tokens.write_text("bench-token\n")
+    variants = {
+        "plaintext": ({}, {}),
+        "tls": ({"AXGUARD_SERVER__TLS__CERT_FILE": str(cert),
+                 "AXGUARD_SERVER__TLS__KEY_FILE": str(key)}, {"tls_ca": cert}),
+        "tls+token": ({"AXGUARD_SERVER__TLS__CERT_FILE": str(cert),
+                       "AXGUARD_SERVER__TLS__KEY_FILE": str(key),
+                       "AXGUARD_SERVER__AUTH__TOKEN_FILE": str(tokens)},
+                      {"tls_ca": cert, "token": "bench-token"}),
+        "token": ({"AXGUARD_SERVER__AUTH__TOKEN_FILE": str(tokens)}, {"token": "bench-token"}),
+    }
+    rows = []
+    for prediction_only in (True, False):
+        request = image_request(load_demo_bundle().spec, prediction_only)
+        for name, (env, options) in variants.items():
+            proc, address = start_server([], env)
+            try:
+                row = load(address.replace("0.0.0.0", "127.0.0.1"), request, 8, total,
+                           **options)
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=120)
+            row.update(model="digits-cnn", transport=name,
+                       path="prediction_only" if prediction_only else "check")
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
 def markdown(payload: dict) -> str:
     out = ["# Throughput", "", f"Machine: {payload['machine']}", "",
            "## Engine level (images/s)", "",
@@ -209,6 +274,16 @@ def markdown(payload: dict) -> str:
             out.append(f"| {r['model']} | {r['path']} | {r['clients']} | {r['requests']} | "
                        f"{r['throughput']:.1f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | "
                        f"{r['p99_ms']:.1f} |")
+    if payload.get("transport"):
+        out += ["", "## TLS and tokens (demo model, 8 clients, one run)", "",
+                "| path | transport | req/s | ÷ plaintext | p50 ms | p99 ms |",
+                "|---|---|---|---|---|---|"]
+        base = {r["path"]: r["throughput"] for r in payload["transport"]
+                if r["transport"] == "plaintext"}
+        for r in payload["transport"]:
+            out.append(f"| {r['path']} | {r['transport']} | {r['throughput']:.1f} | "
+                       f"{r['throughput'] / base[r['path']]:.2f} | {r['p50_ms']:.2f} | "
+                       f"{r['p99_ms']:.2f} |")
     out += ["", "## Memory of the serving process", ""]
     for s in payload["service"]:
         out.append(f"- {json.dumps(s['memory'])}")
@@ -217,6 +292,14 @@ def markdown(payload: dict) -> str:
 
 def main() -> int:
     quick = "--quick" in sys.argv
+    if "--transport-only" in sys.argv:  # refresh only the TLS/token section
+        previous = json.loads((RESULTS / "throughput.json").read_text())
+        with tempfile.TemporaryDirectory() as tmp:
+            previous["transport"] = transport_security(Path(tmp))
+        (RESULTS / "throughput.json").write_text(json.dumps(previous, indent=1) + "\n")
+        (RESULTS / "throughput.md").write_text(markdown(previous))
+        print(markdown(previous))
+        return 0
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     start = time.time()
     payload: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, "
@@ -236,6 +319,7 @@ def main() -> int:
             "resnet34", ["--model", "torchvision:resnet34", "--weights", str(weights),
                          "--classes", str(Path(tmp) / "classes.txt"), "--input-size", "224"],
             IMAGENET, {1: 8, 8: 32, 32: 64} if not quick else {1: 4, 8: 16}))
+        payload["transport"] = transport_security(Path(tmp), 500 if quick else 3000)
     payload["seconds"] = round(time.time() - start)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "throughput.json").write_text(json.dumps(payload, indent=1) + "\n")
