@@ -16,7 +16,8 @@ RUN pip install --index-url https://download.pytorch.org/whl/cpu \
 COPY pyproject.toml README.md ./
 COPY service ./service
 COPY clients ./clients
-RUN pip install .
+# The client distribution first: the server depends on it (axguard-client).
+RUN pip install ./clients/python && pip install .
 
 FROM python:3.11-slim-bookworm
 LABEL org.opencontainers.image.title="axguard" \

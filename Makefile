@@ -10,9 +10,10 @@ BUF := .tools/node_modules/.bin/buf
 
 .PHONY: serve test lint proto train-demo venv tools system-deps calibrate-demo bench bench-flag bench-gax bench-memory fuzz soak clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ./clients/python
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 

@@ -1,41 +1,58 @@
 """Regenerate the Python gRPC stubs from proto/: `python scripts/gen_proto.py [OUT_DIR]`.
 
-The stubs are committed under service/ (package axguard.v1); tests regenerate them into a
-temporary folder and fail on any difference.
+The stubs live in the client distribution (clients/python/axguard_client/v1), so a
+pipeline installs them without the server; the server imports them from there
+(`axguard.v1` re-exports them). protoc writes `axguard/v1/…` with absolute imports; they
+are moved under `axguard_client/v1/` and the one cross-module import made relative. Tests
+regenerate them into a temporary folder and fail on any difference.
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
+CLIENT_ROOT = ROOT / "clients" / "python"
 
 
 def generate(out_dir: Path) -> list[Path]:
-    """Write *_pb2.py, *_pb2.pyi and *_pb2_grpc.py for every proto file; return them."""
+    """Write *_pb2.py, *_pb2.pyi and *_pb2_grpc.py under out_dir/axguard_client/v1."""
     import grpc_tools
 
     protos = sorted(PROTO_ROOT.rglob("*.proto"))
     include = Path(grpc_tools.__file__).parent / "_proto"
-    args = [
-        "protoc",
-        f"-I{PROTO_ROOT}",
-        f"-I{include}",
-        f"--python_out={out_dir}",
-        f"--pyi_out={out_dir}",
-        f"--grpc_python_out={out_dir}",
-        *(str(p.relative_to(PROTO_ROOT)) for p in protos),
-    ]
-    if protoc.main(args) != 0:
-        raise RuntimeError("protoc failed")
-    return sorted(p for p in out_dir.rglob("*_pb2*.py*"))
+    with tempfile.TemporaryDirectory() as tmp:
+        args = [
+            "protoc",
+            f"-I{PROTO_ROOT}",
+            f"-I{include}",
+            f"--python_out={tmp}",
+            f"--pyi_out={tmp}",
+            f"--grpc_python_out={tmp}",
+            *(str(p.relative_to(PROTO_ROOT)) for p in protos),
+        ]
+        if protoc.main(args) != 0:
+            raise RuntimeError("protoc failed")
+        written = []
+        for path in sorted(Path(tmp).rglob("*_pb2*.py*")):
+            # axguard/v1/x_pb2.py → axguard_client/v1/x_pb2.py
+            relative = path.relative_to(tmp)
+            target = out_dir / "axguard_client" / Path(*relative.parts[1:])
+            target.parent.mkdir(parents=True, exist_ok=True)
+            text = path.read_text().replace("from axguard.v1 import ", "from . import ")
+            target.write_text(text)
+            written.append(target)
+    return written
 
 
 if __name__ == "__main__":
-    target = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "service"
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else CLIENT_ROOT
     for path in generate(target):
         print(path)
+    shutil.rmtree(ROOT / "service" / "axguard" / "v1" / "__pycache__", ignore_errors=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import struct
 import threading
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -63,7 +64,8 @@ ACCEPTED = ("PNG", "JPEG", "BMP", "TIFF")
 def _png_with_size(width: int, height: int) -> bytes:
     """A PNG whose header claims width × height (a decompression bomb's header)."""
     data = bytearray(CORPUS["PNG"])
-    struct.pack_into(">II", data, 16, width, height)  # IHDR width, height (CRC now wrong)
+    struct.pack_into(">II", data, 16, width, height)  # IHDR width, height
+    struct.pack_into(">I", data, 29, zlib.crc32(bytes(data[12:29])))  # a valid chunk CRC
     return bytes(data)
 
 

@@ -9,10 +9,9 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from axguard.v1 import confidence_pb2 as pb
-from axguard.v1 import confidence_pb2_grpc as pb_grpc
-
 from .errors import from_rpc_error
+from .v1 import confidence_pb2 as pb
+from .v1 import confidence_pb2_grpc as pb_grpc
 
 ImageLike = bytes | str | Path
 

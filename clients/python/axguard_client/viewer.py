@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from axguard.v1 import confidence_pb2 as pb
+from .v1 import confidence_pb2 as pb
 
 
 @dataclass

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from axguard.v1 import confidence_pb2 as axguard_dot_v1_dot_confidence__pb2
+from . import confidence_pb2 as axguard_dot_v1_dot_confidence__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
