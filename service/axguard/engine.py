@@ -12,7 +12,6 @@ families of the loaded calibration (verdict.py).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -384,8 +383,9 @@ class Engine:
 
         batch_evidence = None
         if judged:
+            rows = judged if len(judged) < count else slice(None)  # no copy when all are
             batch_evidence = Evidence(
-                logits=logits[judged].cpu().double().numpy(),
+                logits=logits[rows].cpu().double().numpy(),
                 margin_gradient_norm=(evidence.gradient_norms(plain["margin"][judged])
                                       .cpu().double().numpy() if plan.boundary else None),
                 runner_up_logits={m: extra[("runner_up", m)].cpu().double().numpy()
@@ -401,6 +401,8 @@ class Engine:
         verdicts = self._verdicts(count, judged, batch_evidence)
         # Each item lists the scores it asked for, in the order it asked for them.
         for i, item in enumerate(requested):
+            if not scores[i]:
+                continue
             order = {pair: k for k, pair in enumerate(item.asked_pairs())}
             scores[i] = sorted((s for s in scores[i] if (s.method, s.ax_process) in order),
                                key=lambda s, o=order: o[(s.method, s.ax_process)])
@@ -430,7 +432,9 @@ class Engine:
                 scores=scores[i],
                 heatmaps=maps,
                 verdict=verdicts[i],
-                timing=dataclasses.replace(timing),  # each result may add its queue time
+                # Each result gets its own copy: the batcher adds its queue time.
+                timing=StageTiming(timing.forward_ms, timing.attribution_ms, timing.ax_ms,
+                                   0.0, count),
             ))
         return results, batch_evidence
 
@@ -523,10 +527,12 @@ class Engine:
         if artifact is None or batch is None:
             return verdicts
         risk, wrong, features = artifact.flag.verdicts(batch)
-        for k, i in enumerate(judged):
-            verdicts[i] = Verdict(True, bool(wrong[k]), float(risk[k]),
-                                  artifact.flag.threshold, artifact.calibration_id,
-                                  {name: float(values[k]) for name, values in features.items()})
+        names = list(features)
+        rows = zip(*(features[n].tolist() for n in names), strict=True)  # one list per feature
+        threshold, calibration_id = artifact.flag.threshold, artifact.calibration_id
+        for i, r, w, values in zip(judged, risk.tolist(), wrong.tolist(), rows, strict=True):
+            verdicts[i] = Verdict(True, w, r, threshold, calibration_id,
+                                  dict(zip(names, values, strict=True)))
         return verdicts
 
     def gax_options(
