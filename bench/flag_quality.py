@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
+from common import timed
 from sklearn.datasets import load_digits
 from sklearn.model_selection import StratifiedKFold
 from torch import nn
@@ -109,21 +110,12 @@ def verdict_cost(engine: Engine, x: torch.Tensor, repeats: int = 20) -> dict:
     # Resolved once, as the server's batcher hands them to the engine.
     items = [engine.resolve(CheckItem(img, verdict_only=True)) for img in batch]
 
-    def best(fn) -> float:  # noqa: ANN001
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times) / len(batch)
-
     def plain() -> None:
         with torch.inference_mode():
             engine.bundle.network(batch)
 
-    forward = best(plain)
-    verdict = best(lambda: engine.check(items, resolved=True))
+    forward = timed(plain, repeats, summary=min) / len(batch)
+    verdict = timed(lambda: engine.check(items, resolved=True), repeats, summary=min) / len(batch)
     return {"forward_s": forward, "verdict_s": verdict, "ratio": verdict / forward}
 
 

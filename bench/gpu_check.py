@@ -13,17 +13,15 @@ Prints and writes JSON; needs torch, torchvision, captum and pydantic only.
 from __future__ import annotations
 
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torchvision
 from captum.attr import Deconvolution, GuidedBackprop, InputXGradient, Saliency
+from common import naive_check, timed
 
-from axguard import scoring
 from axguard.demo.bundle import load_demo_bundle
 from axguard.engine import CheckItem, Engine, EvidencePlan
 from axguard.model import InputSpec, load_bundle
@@ -111,32 +109,6 @@ def engine_cuda_vs_cpu() -> dict:
     return diffs
 
 
-def timed(fn, repeats: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def naive_check(network, x: torch.Tensor) -> None:
-    with torch.inference_mode():
-        logits = network(x)
-    target = logits.argmax(dim=1)
-    k = scoring.kappa(target, logits.shape[1])
-    for method in (Saliency(network), Deconvolution(network)):
-        kwargs = {"abs": False} if isinstance(method, Saliency) else {}
-        h = method.attribute(x.clone().requires_grad_(True), target=target, **kwargs)
-        h, _ = scoring.normalise_heatmaps(h)
-        with torch.inference_mode():
-            scoring.co_score(network(x + h), logits, k)
-
-
 def throughput(bundle, batches: list[int], repeats: int) -> list[dict]:
     engine = Engine(bundle)
     rows = []
@@ -149,9 +121,11 @@ def throughput(bundle, batches: list[int], repeats: int) -> list[dict]:
             with torch.inference_mode():
                 bundle.network(xd)
 
-        t_plain = timed(plain, repeats)
-        t_naive = timed(lambda xd=xd: naive_check(bundle.network, xd), repeats)
-        t_check = timed(lambda items=items: engine.check(items, resolved=True), repeats)
+        sync = torch.cuda.synchronize
+        t_plain = timed(plain, repeats, sync=sync)
+        t_naive = timed(lambda xd=xd: naive_check(bundle.network, xd), repeats, sync=sync)
+        t_check = timed(lambda items=items: engine.check(items, resolved=True), repeats,
+                        sync=sync)
         rows.append({"model": bundle.name, "batch": n, "plain_ips": n / t_plain,
                      "naive_ips": n / t_naive, "check_ips": n / t_check,
                      "check_cost_vs_plain": t_check / t_plain,

@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,9 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
-from captum.attr import Deconvolution, Saliency
+from common import naive_check, timed
 
-from axguard import scoring
 from axguard.demo.bundle import load_demo_bundle
 from axguard.engine import CheckItem, Engine
 from axguard.model import InputSpec, load_bundle
@@ -55,31 +53,6 @@ def resnet34_bundle(folder: Path):
     (folder / "classes.txt").write_text("\n".join(names) + "\n")
     return load_bundle("torchvision:resnet34", spec=IMAGENET, class_names=names, weights=path,
                        name="resnet34"), path
-
-
-def timed(fn, repeats: int) -> float:
-    """Median seconds of fn() over `repeats` runs after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def naive_check(network, x: torch.Tensor) -> None:
-    """The straightforward implementation: Captum classes and separate forwards."""
-    with torch.inference_mode():
-        logits = network(x)
-    target = logits.argmax(dim=1)
-    k = scoring.kappa(target, logits.shape[1])
-    for method in (Saliency(network), Deconvolution(network)):
-        kwargs = {"abs": False} if isinstance(method, Saliency) else {}
-        h = method.attribute(x.clone().requires_grad_(True), target=target, **kwargs)
-        h, _ = scoring.normalise_heatmaps(h)
-        with torch.inference_mode():
-            scoring.co_score(network(x + h), logits, k)
 
 
 def engine_level(bundle, batches: list[int], repeats: int) -> list[dict]:
