@@ -10,14 +10,20 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-# CPU-only torch wheels first (the default PyPI torch is a multi-GB CUDA build).
-RUN pip install --index-url https://download.pytorch.org/whl/cpu \
+# torch first, from TORCH_INDEX_URL: the CPU-only wheels by default (the default PyPI torch
+# is a multi-GB CUDA build); the GPU variant passes a CUDA index (see README "Deploying").
+# PIP_EXTRA_ARGS lets a build reach other wheel stores (e.g. a local mirror).
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG PIP_EXTRA_ARGS=""
+# hadolint ignore=SC2086,DL3013
+RUN pip install --index-url "${TORCH_INDEX_URL}" ${PIP_EXTRA_ARGS} \
         torch==2.14.1 torchvision==0.29.1
 COPY pyproject.toml README.md ./
 COPY service ./service
 COPY clients ./clients
 # The client distribution first: the server depends on it (axguard-client).
-RUN pip install ./clients/python && pip install .
+# hadolint ignore=SC2086,DL3013
+RUN pip install ${PIP_EXTRA_ARGS} ./clients/python && pip install ${PIP_EXTRA_ARGS} .
 
 FROM python:3.11-slim-bookworm
 LABEL org.opencontainers.image.title="axguard" \
