@@ -114,7 +114,10 @@ def _calibrate_parser(subparsers: argparse._SubParsersAction) -> None:
     cal.add_argument("--delta", type=float, default=0.05,
                      help="the promise holds with probability >= 1 - delta (default 0.05)")
     cal.add_argument("--fit-fraction", type=float, default=0.5,
-                     help="share of the data for fitting the risk model (default 0.5)")
+                     help="share of the predictions the threshold rule uses (correct ones in "
+                          "false-alarm mode, wrong ones in error-recall mode) that go to the "
+                          "fit; the rest set the threshold, and all others are fitted on "
+                          "(default 0.5)")
     cal.add_argument("--gax-percentile", type=float, default=95.0)
     cal.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
     cal.add_argument("--batch-size", type=int, default=64)
