@@ -28,9 +28,11 @@ RUN pip install ${PIP_EXTRA_ARGS} ./clients/python && pip install ${PIP_EXTRA_AR
 FROM python:3.11-slim-bookworm
 LABEL org.opencontainers.image.title="axguard" \
       org.opencontainers.image.description="gRPC confidence check for PyTorch image classifiers"
+# The working directory exists in the image: a read-only root filesystem (Kubernetes'
+# readOnlyRootFilesystem, podman kube play) cannot create it at start.
 RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin axguard \
-    && mkdir -p /models /config /calibration \
-    && chown 10001 /models /config /calibration
+    && mkdir -p /models /config /calibration /home/axguard \
+    && chown 10001 /models /config /calibration /home/axguard
 COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

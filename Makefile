@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 
-.PHONY: serve test lint proto train-demo venv tools system-deps calibrate-demo bench bench-flag bench-gax bench-memory fuzz soak clean
+.PHONY: serve test lint proto train-demo venv tools system-deps calibrate-demo bench bench-flag bench-gax bench-memory fuzz soak image clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -74,6 +74,13 @@ FUZZ_REQUESTS ?= 20000
 fuzz: $(STAMP)
 	AXGUARD_FUZZ_REQUESTS=$(FUZZ_REQUESTS) AXGUARD_FUZZ_REPORT=bench/results/fuzz.json \
 	  $(BIN)/pytest -q tests/test_fuzz.py tests/test_properties.py --hypothesis-seed=0
+
+# The container image (docker, or podman with overlay storage): IMAGE, TORCH_INDEX_URL
+# (default the CPU wheels; a CUDA index for the GPU variant), LOCAL_WHEELS=1 on machines
+# with a local wheel store instead of the torch index.
+IMAGE ?= axguard:0.2.0
+image:
+	IMAGE=$(IMAGE) bash scripts/build_image.sh
 
 # Steady mixed load with hostile requests; RSS, file descriptors, threads over time.
 DURATION ?= 600
