@@ -19,6 +19,7 @@ from axguard.calibration.risk import (
     paired_gain_lower_bound,
     prior_shift,
     select_families,
+    shift_risk,
 )
 from axguard.calibration.thresholds import (
     GuaranteeUnavailable,
@@ -164,6 +165,9 @@ def test_prior_shift_moves_only_the_intercept_by_the_log_odds():
     shifted = prior_shift(model, fit_error_rate=0.5, error_rate=0.2)
     assert shifted.coef == model.coef
     assert shifted.intercept == pytest.approx(model.intercept + math.log(0.25))
+    # Shifting the risks equals predicting with the shifted model.
+    np.testing.assert_allclose(shift_risk(predict_risk(model, features), 0.5, 0.2),
+                               predict_risk(shifted, features), rtol=1e-9)
 
 
 @pytest.mark.parametrize("mode", ["false_alarm", "error_recall"])

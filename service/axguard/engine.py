@@ -158,7 +158,6 @@ class _Heatmaps:
     """Normalised heatmaps of one method for some rows of the batch."""
 
     rows: list[int]
-    raw: torch.Tensor
     normalised: torch.Tensor
     zero: torch.Tensor
 
@@ -489,7 +488,7 @@ class Engine:
         for method, rows in own_rows.items():
             raw = heatmaps(method, rows, predicted, "own")
             normalised, zero = scoring.normalise_heatmaps(raw.float())
-            own[method] = _Heatmaps(rows, raw, normalised, zero)
+            own[method] = _Heatmaps(rows, normalised, zero)
             self._count_zero(method, zero)
         second = {method: scoring.normalise_heatmaps(
             heatmaps(method, judged, runner_up, "second").float())[0]

@@ -70,7 +70,7 @@ def _shrink(image: Image.Image, spec: InputSpec) -> Image.Image:
     if factor < 2:
         return image
     if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        image = _expand_palette(image)
     elif image.mode == "1":
         image = image.convert("L")
     elif image.mode.startswith("I;16"):
@@ -78,10 +78,15 @@ def _shrink(image: Image.Image, spec: InputSpec) -> Image.Image:
     return image.reduce(factor)
 
 
+def _expand_palette(image: Image.Image) -> Image.Image:
+    """Return a palette image as RGBA when it has a transparent colour, else RGB."""
+    return image.convert("RGBA" if "transparency" in image.info else "RGB")
+
+
 def _flatten_alpha(image: Image.Image) -> Image.Image:
     """Return an image without alpha: transparent areas become black."""
     if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        image = _expand_palette(image)
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
         ground = Image.new("RGBA", rgba.size, (0, 0, 0, 255))

@@ -256,10 +256,15 @@ class Evidence:
         )
 
 
-def family_features(family: Family, evidence: Evidence) -> dict[str, np.ndarray]:
-    """Return the features of one family, each (N,) float64, from the batch's evidence."""
+def family_features(family: Family, evidence: Evidence,
+                    top: tuple[np.ndarray, np.ndarray] | None = None
+                    ) -> dict[str, np.ndarray]:
+    """Return the features of one family, each (N,) float64, from the batch's evidence.
+
+    `top` is `top_two(evidence.logits)` when the caller has it already.
+    """
     z = evidence.logits
-    predicted, runner_up = top_two(z)
+    predicted, runner_up = top if top is not None else top_two(z)
     if family.name == "msp":
         return {"neg_log_1m_msp": neg_log_one_minus_msp(z)}
     if family.name == "logit":
@@ -290,8 +295,9 @@ def family_features(family: Family, evidence: Evidence) -> dict[str, np.ndarray]
 def features_of(families: list[Family], evidence: Evidence) -> dict[str, np.ndarray]:
     """Return every feature of the given families."""
     out: dict[str, np.ndarray] = {}
+    top = top_two(evidence.logits)
     for family in families:
-        out.update(family_features(family, evidence))
+        out.update(family_features(family, evidence, top))
     return out
 
 

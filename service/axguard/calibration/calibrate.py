@@ -62,6 +62,7 @@ from .risk import (
     fit_risk_model,
     prior_shift,
     select_families,
+    shift_risk,
 )
 from .thresholds import GuaranteeUnavailable, error_recall_threshold, false_alarm_threshold
 
@@ -298,7 +299,7 @@ def calibrate(
     risk = predict_risk(risk_model, features)
     # msp alone ranks exactly as MSP; out-of-fold mixing of fold models would only blur it.
     oof = (risk[fit_mask] if kept == [msp_family]
-           else _shift_risk(oof, fit_error_rate, error_rate))
+           else shift_risk(oof, fit_error_rate, error_rate))
 
     held = ~fit_mask
     if mode == "false_alarm":
@@ -389,14 +390,6 @@ def calibrate(
                       "risk_out_of_fold": oof_all.tolist()},
         ),
     )
-
-
-def _shift_risk(risk: np.ndarray, fit_error_rate: float, error_rate: float) -> np.ndarray:
-    """Return risks moved from the fit split's error rate to the data's (see prior_shift)."""
-    z = np.log(np.clip(risk, 1e-300, None)) - np.log(np.clip(1 - risk, 1e-300, None))
-    shift = (np.log(error_rate / (1 - error_rate))
-             - np.log(fit_error_rate / (1 - fit_error_rate)))
-    return 1.0 / (1.0 + np.exp(-np.clip(z + shift, -700, 700)))
 
 
 def score_metrics(name: str, values: np.ndarray, is_error: np.ndarray, *, label_free: bool,

@@ -145,11 +145,23 @@ def select_families(features: dict[str, np.ndarray], is_error: np.ndarray,
     return kept, steps, current
 
 
+def prior_log_odds_shift(fit_error_rate: float, error_rate: float) -> float:
+    """Return logit(error_rate) − logit(fit_error_rate): what moves a logistic risk fitted
+    on data with one error rate to data with another (only the intercept changes)."""
+    return float(np.log(error_rate / (1 - error_rate))
+                 - np.log(fit_error_rate / (1 - fit_error_rate)))
+
+
 def prior_shift(risk_model: RiskModel, fit_error_rate: float, error_rate: float) -> RiskModel:
     """Return the model with its intercept moved from the fit data's error rate to the
-    population's (the fit split over-samples one outcome; only the intercept changes)."""
-    def logit(p: float) -> float:
-        return float(np.log(p / (1 - p)))
-
-    shift = logit(error_rate) - logit(fit_error_rate)
+    population's (the fit split over-samples one outcome)."""
+    shift = prior_log_odds_shift(fit_error_rate, error_rate)
     return risk_model.model_copy(update={"intercept": risk_model.intercept + shift})
+
+
+def shift_risk(risk: np.ndarray, fit_error_rate: float, error_rate: float) -> np.ndarray:
+    """Return risks moved the same way as `prior_shift` moves a model (for out-of-fold
+    risks, which come from several fold models)."""
+    z = np.log(np.clip(risk, 1e-300, None)) - np.log(np.clip(1 - risk, 1e-300, None))
+    z = z + prior_log_odds_shift(fit_error_rate, error_rate)
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -700, 700)))
