@@ -64,8 +64,11 @@ def hardest_wrong_digit(demo_bundle: ModelBundle) -> tuple[Image.Image, int]:
 class RunningServer:
     """A real axguard server on 127.0.0.1 with its port and engine."""
 
-    def __init__(self, engine: Engine, **server_overrides: object) -> None:
-        settings = load_settings(server={"host": "127.0.0.1", "port": 0, **server_overrides})
+    def __init__(self, engine: Engine, settings: dict | None = None,
+                 **server_overrides: object) -> None:
+        """`settings`: other sections' overrides, e.g. {"feedback": {"key_file": path}}."""
+        settings = load_settings(server={"host": "127.0.0.1", "port": 0, **server_overrides},
+                                 **(settings or {}))
         self.engine = engine
         self.server, self.port, self.health = build_server(settings, engine)
         start_serving(self.server, engine, self.health)

@@ -82,6 +82,9 @@ def _serve_parser(subparsers: argparse._SubParsersAction) -> None:
     srv.add_argument("--metrics-host", dest="metrics.host")
     srv.add_argument("--metrics-port", dest="metrics.port", type=int,
                      help="Prometheus /metrics port (default 9090; 0 picks a free one)")
+    srv.add_argument("--feedback-key-file", dest="feedback.key_file", type=Path,
+                     help="receipt keys ('<key id> <secret>' lines): turns on receipts and "
+                          "the Feedback RPC")
     serve.set_defaults(handler=run_serve)
 
 

@@ -6,6 +6,7 @@ Nested sections map to environment variables with a double underscore, e.g.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -205,6 +206,53 @@ class GaxSettings(BaseModel):
     """Most heatmap snapshots streamed per diagnosis (snapshot_every is raised to fit)."""
 
 
+class FeedbackSettings(BaseModel):
+    """Receipts and label feedback: off unless key_file is set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key_file: Path | None = None
+    """Receipt keys, one `<key id> <secret>` per line (a mounted Secret, reread when it
+    changes); the first signs, all verify. Every replica that should accept a receipt
+    needs the same file. Secrets have at least 32 bytes (`openssl rand -base64 32`)."""
+    max_age: timedelta = timedelta(days=7)
+    """Receipts older than this are refused (seconds, or ISO 8601 such as "P7D")."""
+    max_clock_skew: timedelta = timedelta(minutes=5)
+    """Receipts issued up to this far in the future (clocks of replicas differ) count."""
+    duplicate_filter_size: int = Field(default=100_000, ge=1)
+    """Receipts remembered to count each label once (about 250 bytes each). When full,
+    the oldest is forgotten and receipts issued before it are refused (never counted
+    twice): raise it when labels come late and in volume."""
+    max_items: int = Field(default=10_000, ge=1)
+    """Most items in one FeedbackRequest (more: RESOURCE_EXHAUSTED)."""
+
+    @field_validator("max_age", "max_clock_skew")
+    @classmethod
+    def _positive(cls, value: timedelta) -> timedelta:
+        if value.total_seconds() <= 0:
+            raise ValueError("must be positive")
+        return value
+
+
+class DriftSettings(BaseModel):
+    """Label-free drift of calibrated verdicts against the calibration data."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    """Export the axguard_drift_* gauges (needs a calibration)."""
+    window: int = Field(default=1000, ge=10)
+    """Most recent calibrated verdicts compared with the calibration (a fixed-size ring)."""
+    min_items: int = Field(default=200, ge=10)
+    """No PSI is exported before the window holds this many verdicts."""
+
+    @model_validator(mode="after")
+    def _fits(self) -> DriftSettings:
+        if self.min_items > self.window:
+            raise ValueError("drift.min_items must not exceed drift.window")
+        return self
+
+
 class Settings(BaseSettings):
     """Everything the server needs."""
 
@@ -218,6 +266,8 @@ class Settings(BaseSettings):
     gax: GaxSettings = Field(default_factory=GaxSettings)
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
+    drift: DriftSettings = Field(default_factory=DriftSettings)
     calibration: str | None = None
     """Calibration artifact (JSON) for the verdict; the demo model uses its bundled one
     unless this is "none"."""

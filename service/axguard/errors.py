@@ -7,6 +7,7 @@
     ├── Busy                a bounded pool (diagnoses) is full: retry later
     ├── NotReady            the model is not loaded or warmed up yet
     ├── DeadlineExceeded    the caller's deadline passed while the request waited
+    ├── FailedPrecondition  the server is not set up for this call (e.g. feedback off)
     ├── ConfigError         the server's own configuration is wrong (start-up only)
     └── ModelLoadError      the model or its weights could not be loaded (start-up only)
 
@@ -52,6 +53,10 @@ class NotReady(AxguardError):
 
 class DeadlineExceeded(AxguardError):
     """The request's deadline passed before its result was ready."""
+
+
+class FailedPrecondition(AxguardError):
+    """The call cannot work with this server's configuration."""
 
 
 class ConfigError(AxguardError):

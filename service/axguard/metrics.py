@@ -64,6 +64,35 @@ class Metrics:
         self.auth_refused = Counter("axguard_auth_refused",
                                     "RPCs refused for a missing or invalid bearer token.",
                                     ["grpc_method"], registry=r)
+        self.feedback = Counter(
+            "axguard_feedback", "Labels counted from Feedback, by the calibration that made "
+            "the verdict, whether the prediction was right, and whether it was flagged "
+            '("none": the check had no calibrated verdict).',
+            ["model", "calibration_id", "outcome", "flagged"], registry=r)
+        self.feedback_refused = Counter(
+            "axguard_feedback_refused", "Feedback items refused, by reason.",
+            ["model", "reason"], registry=r)
+        self.feedback_duplicates = Counter(
+            "axguard_feedback_duplicates", "Feedback items whose receipt was already counted.",
+            ["model"], registry=r)
+        self.receipts_issued = Counter("axguard_receipts_issued", "Receipts signed.",
+                                       ["model"], registry=r)
+        self.calibration_promise = Gauge(
+            "axguard_calibration_promise", "The loaded calibration's promised rate: the most "
+            "false-alarm rate (mode false_alarm) or the least error recall (error_recall).",
+            ["model", "calibration_id", "mode"], registry=r)
+        self.calibration_error_recall = Gauge(
+            "axguard_calibration_error_recall",
+            "Error recall the loaded calibration measured.", ["model", "calibration_id"],
+            registry=r)
+        self.calibration_false_alarm_rate = Gauge(
+            "axguard_calibration_false_alarm_rate",
+            "False-alarm rate the loaded calibration measured.", ["model", "calibration_id"],
+            registry=r)
+        self.calibration_flagged_share = Gauge(
+            "axguard_calibration_flagged_share",
+            "Share of predictions the loaded calibration expects flagged.",
+            ["model", "calibration_id"], registry=r)
         self.rpc_duration = Histogram("axguard_grpc_request_duration_seconds",
                                       "Seconds per RPC.", ["grpc_method"],
                                       buckets=SECONDS_BUCKETS, registry=r)
@@ -72,6 +101,19 @@ class Metrics:
         """Publish the model info and whether a calibration is loaded."""
         self.model_info.labels(self.model, version, fingerprint, calibration_id).set(1)
         self.calibrated.labels(self.model).set(1 if calibration_id else 0)
+
+    def set_calibration(self, artifact) -> None:  # noqa: ANN001  (CalibrationArtifact)
+        """Publish the loaded calibration's promise and measured rates, and create its
+        feedback series at 0 (so rate() sees the first label)."""
+        cid, t = artifact.calibration_id, artifact.threshold
+        self.calibration_promise.labels(self.model, cid, t.mode).set(t.target)
+        self.calibration_error_recall.labels(self.model, cid).set(t.achieved_error_recall)
+        self.calibration_false_alarm_rate.labels(self.model, cid).set(
+            t.achieved_false_alarm_rate)
+        self.calibration_flagged_share.labels(self.model, cid).set(t.flagged_share)
+        for outcome in ("correct", "wrong"):
+            for flagged in ("true", "false"):
+                self.feedback.labels(self.model, cid, outcome, flagged)
 
     def observe_check(self, result, queue_ms: float, total_s: float) -> None:  # noqa: ANN001
         """Record one answered check (an engine CheckResult)."""
@@ -119,3 +161,46 @@ class EngineCollector:
                                        labels=["model"])
         rejected.add_metric([self.model], self.batcher.stats.rejected)
         yield from (zero, captum, depth, rejected)
+
+
+class LiveQualityCollector:
+    """Reads the drift window and the duplicate filter at scrape time."""
+
+    def __init__(self, live, model: str) -> None:  # noqa: ANN001  (live.LiveQuality)
+        self.live = live
+        self.model = model
+
+    def collect(self):  # noqa: ANN201
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        drift = self.live.drift
+        if drift is not None:
+            state = drift.state()
+            cid = drift.reference.calibration_id
+            items = GaugeMetricFamily("axguard_drift_window_items",
+                                      "Calibrated verdicts in the drift window.",
+                                      labels=["model", "calibration_id"])
+            items.add_metric([self.model, cid], state.items)
+            share = GaugeMetricFamily("axguard_drift_flagged_share",
+                                      "Share of the drift window's verdicts flagged.",
+                                      labels=["model", "calibration_id"])
+            share.add_metric([self.model, cid], state.flagged_share)
+            psi = GaugeMetricFamily(
+                "axguard_drift_psi", "Population stability index of the drift window against "
+                "the calibration data, by score (absent until the window holds drift.min_items).",
+                labels=["model", "calibration_id", "score"])
+            for score, value in sorted(state.psi.items()):
+                psi.add_metric([self.model, cid, score], value)
+            yield from (items, share, psi)
+        book = self.live.book
+        if book is not None:
+            size = GaugeMetricFamily("axguard_feedback_filter_entries",
+                                     "Receipts the duplicate filter remembers.",
+                                     labels=["model"])
+            size.add_metric([self.model], len(book.duplicates))
+            early = CounterMetricFamily(
+                "axguard_feedback_filter_forgotten_early",
+                "Receipts the full duplicate filter forgot before they expired.",
+                labels=["model"])
+            early.add_metric([self.model], book.duplicates.forgotten_early)
+            yield from (size, early)

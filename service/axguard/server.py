@@ -42,12 +42,14 @@ from .errors import (
     Busy,
     ConfigError,
     DeadlineExceeded,
+    FailedPrecondition,
     InputTooLarge,
     InvalidInput,
     ModelLoadError,
     NotReady,
 )
-from .metrics import EngineCollector, Metrics
+from .live import LiveQuality
+from .metrics import EngineCollector, LiveQualityCollector, Metrics
 from .preprocess import decode_plan
 from .security import CertificateFiles, TokenFile, TokenInterceptor
 from .v1 import confidence_pb2 as pb
@@ -64,6 +66,7 @@ STATUS_BY_ERROR: dict[type[AxguardError], grpc.StatusCode] = {
     Busy: grpc.StatusCode.RESOURCE_EXHAUSTED,
     NotReady: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     ConfigError: grpc.StatusCode.INTERNAL,
     ModelLoadError: grpc.StatusCode.INTERNAL,
     AxguardError: grpc.StatusCode.INTERNAL,
@@ -160,6 +163,7 @@ class ConfidenceServicer(pb_grpc.ConfidenceServiceServicer):
         self.draining = False
         """Set on SIGTERM: new requests get UNAVAILABLE while in-flight ones finish."""
         self._diagnoses = threading.BoundedSemaphore(settings.gax.max_concurrent)
+        self.live = LiveQuality(settings, engine.bundle, engine.calibration, metrics)
 
     def _ensure_ready(self, *, warm: bool = True) -> None:
         """Raise NotReady while draining, or (if `warm`) before the warm-up finished."""
@@ -178,8 +182,10 @@ class ConfidenceServicer(pb_grpc.ConfidenceServiceServicer):
         result = self.batcher.check([item], timeout=context.time_remaining())[0]
         total = time.perf_counter() - start
         self.metrics.observe_check(result, result.timing.queue_ms, total)
-        return result_to_response(result, request_id, decode_ms=(decoded - start) * 1e3,
-                                  total_ms=total * 1e3)
+        response = result_to_response(result, request_id, decode_ms=(decoded - start) * 1e3,
+                                      total_ms=total * 1e3)
+        response.receipt = self.live.observe([result], [request_id])[0]
+        return response
 
     @rpc_method
     def CheckBatch(self, request: pb.CheckBatchRequest, context: grpc.ServicerContext,
@@ -218,10 +224,38 @@ class ConfidenceServicer(pb_grpc.ConfidenceServiceServicer):
         total_ms = (time.perf_counter() - start) * 1e3
         for result in results:
             self.metrics.observe_check(result, result.timing.queue_ms, total_ms / 1e3)
-        for (i, sub_id, _), result in zip(good, results, strict=True):
+        receipts = self.live.observe(results, [sub_id for _, sub_id, _ in good])
+        for (i, sub_id, _), result, receipt in zip(good, results, receipts, strict=True):
             responses[i] = result_to_response(result, sub_id, decode_ms=(decoded - start) * 1e3,
                                               total_ms=total_ms)
+            responses[i].receipt = receipt
         return pb.CheckBatchResponse(responses=responses)
+
+    @rpc_method
+    def Feedback(self, request: pb.FeedbackRequest, context: grpc.ServicerContext,
+                 request_id: str) -> pb.FeedbackResponse:
+        self._ensure_ready(warm=False)
+        outcomes = self.live.count_labels([(i.receipt, i.label) for i in request.items])
+        response = pb.FeedbackResponse()
+        for i, o in enumerate(outcomes):
+            result = response.results.add(counted=o.counted, duplicate=o.duplicate,
+                                          request_id=o.request_id,
+                                          prediction_correct=o.prediction_correct,
+                                          flagged=o.flagged)
+            if o.error_field:
+                code = (grpc.StatusCode.INVALID_ARGUMENT if o.invalid_argument
+                        else grpc.StatusCode.FAILED_PRECONDITION)
+                result.error.code = code.value[0]
+                result.error.message = f"items[{i}].{o.error_field}: {o.error_message}"
+                log.info("feedback_item_refused", extra={"request_id": request_id,
+                                                         "item": i, "reason": o.error_reason})
+        response.counted = sum(o.counted for o in outcomes)
+        response.duplicates = sum(o.duplicate for o in outcomes)
+        response.errors = sum(bool(o.error_field) for o in outcomes)
+        log.info("feedback", extra={"request_id": request_id, "counted": response.counted,
+                                    "duplicates": response.duplicates,
+                                    "errors": response.errors})
+        return response
 
     @rpc_stream_method
     def Diagnose(self, request: pb.DiagnoseRequest, context: grpc.ServicerContext,
@@ -317,8 +351,14 @@ class ConfidenceServicer(pb_grpc.ConfidenceServiceServicer):
     def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext,
                      request_id: str) -> pb.ModelInfo:
         self._ensure_ready(warm=False)  # the description is valid before the warm-up
-        return model_info(self.engine.bundle, self.engine.default_methods,
+        info = model_info(self.engine.bundle, self.engine.default_methods,
                           self.engine.calibration)
+        live = self.live
+        info.feedback.CopyFrom(pb.FeedbackInfo(
+            enabled=live.enabled, max_items=live.max_items,
+            max_age_seconds=live.max_age_seconds,
+            signing_key_id=live.book.keys.signing_key_id if live.book else ""))
+        return info
 
 
 def _finite_step(step: Any) -> bool:
@@ -478,6 +518,7 @@ def build_server(
     )
     servicer = ConfidenceServicer(engine, settings, metrics)
     registry.register(EngineCollector(engine, servicer.batcher, bundle.name))
+    registry.register(LiveQualityCollector(servicer.live, bundle.name))
     server.axguard_metrics = metrics  # type: ignore[attr-defined]
     server.axguard_interceptor = interceptor  # type: ignore[attr-defined]
     pb_grpc.add_ConfidenceServiceServicer_to_server(servicer, server)

@@ -11,6 +11,7 @@ from .client import (
 from .errors import (
     ClientError,
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidArgument,
     ResourceExhausted,
     ServerError,
@@ -22,6 +23,7 @@ __all__ = [
     "AxguardClient",
     "ClientError",
     "DeadlineExceeded",
+    "FailedPrecondition",
     "InvalidArgument",
     "ResourceExhausted",
     "ServerError",

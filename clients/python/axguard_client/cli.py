@@ -1,8 +1,10 @@
-"""Client subcommands of the `axguard` CLI: check, info, health. No torch is imported."""
+"""Client subcommands of the `axguard` CLI: check, feedback, diagnose, info, health. No
+torch is imported."""
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 from pathlib import Path
@@ -75,6 +77,16 @@ def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
                           help="stream a heatmap every N steps for the slider (default 10)")
     diagnose.set_defaults(handler=run_diagnose, timeout=600.0)
 
+    feedback = subparsers.add_parser(
+        "feedback", parents=[common], help="send true labels for earlier checks",
+        description="Send true labels from a CSV file with the columns receipt,label (a "
+                    "header row is optional), in requests of --batch rows. Exit 1 when any "
+                    "row is refused; each refused row is printed with its line number.")
+    feedback.add_argument("csv", type=Path, help="CSV file: receipt,label per row ('-' = stdin)")
+    feedback.add_argument("--batch", type=int, default=1000,
+                          help="rows per Feedback request (default 1000)")
+    feedback.set_defaults(handler=run_feedback)
+
     info = subparsers.add_parser("info", parents=[common], help="describe the served model")
     info.set_defaults(handler=run_info)
 
@@ -110,6 +122,8 @@ def format_check(path: Path, response: object) -> str:
             lines.append(f"    evidence {name:<40} {value:+.4f}")
     else:
         lines.append("  verdict: not calibrated (the server has no calibration loaded)")
+    if response.receipt:  # type: ignore[attr-defined]
+        lines.append(f"  receipt: {response.receipt}")  # type: ignore[attr-defined]
     return "\n".join(lines)
 
 
@@ -134,6 +148,67 @@ def run_check(args: argparse.Namespace) -> int:
             print(json.dumps(outputs[0] if len(args.images) == 1 and outputs else outputs,
                              indent=2))
     return 1 if failed else 0
+
+
+def read_labels(lines: object) -> list[tuple[int, str, int]]:
+    """Return (line number, receipt, label) rows of a receipt,label CSV; ValueError names the
+    first bad line. A first row whose label is not a number is taken as a header."""
+    rows = []
+    for number, row in enumerate(csv.reader(lines), start=1):  # type: ignore[arg-type]
+        if not row or not "".join(row).strip():
+            continue
+        if len(row) != 2:
+            raise ValueError(f"line {number}: expected 2 columns (receipt,label), got {len(row)}")
+        receipt, label = row[0].strip(), row[1].strip()
+        try:
+            rows.append((number, receipt, int(label)))
+        except ValueError:
+            if number == 1:  # header
+                continue
+            raise ValueError(f"line {number}: label {label!r} is not a class index") from None
+    return rows
+
+
+def run_feedback(args: argparse.Namespace) -> int:
+    if args.batch < 1:
+        print("error: --batch must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        if str(args.csv) == "-":
+            rows = read_labels(sys.stdin)
+        else:
+            with args.csv.open(newline="") as f:
+                rows = read_labels(f)
+    except (OSError, ValueError) as err:
+        print(f"{args.csv}: error: {err}", file=sys.stderr)
+        return 2
+    totals = {"rows": len(rows), "counted": 0, "duplicates": 0, "errors": 0}
+    refused = []
+    with connect(args) as client:
+        for start in range(0, len(rows), args.batch):
+            chunk = rows[start:start + args.batch]
+            try:
+                response = client.feedback([(r, lbl) for _, r, lbl in chunk])
+            except ClientError as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 1
+            totals["counted"] += response.counted
+            totals["duplicates"] += response.duplicates
+            totals["errors"] += response.errors
+            for (number, _, _), result in zip(chunk, response.results, strict=True):
+                if result.HasField("error"):
+                    # The server numbers items within its request; show the file's line.
+                    message = result.error.message.split(": ", 1)[-1]
+                    field = result.error.message.split(": ", 1)[0].rsplit(".", 1)[-1]
+                    refused.append({"line": number, "field": field, "message": message})
+    if args.json:
+        print(json.dumps({**totals, "refused": refused}, indent=2))
+    else:
+        for r in refused:
+            print(f"{args.csv}:{r['line']}: {r['field']}: {r['message']}", file=sys.stderr)
+        print(f"{totals['rows']} rows: {totals['counted']} counted, {totals['duplicates']} "
+              f"already counted, {totals['errors']} refused")
+    return 1 if refused else 0
 
 
 def run_diagnose(args: argparse.Namespace) -> int:
@@ -204,6 +279,10 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"  device       {info.device}{'  (TorchScript)' if info.torchscript else ''}")
     calibration = info.calibration.calibration_id if info.HasField("calibration") else "none"
     print(f"  calibration  {calibration}")
+    fb = info.feedback
+    print("  feedback     " + (f"on (signing key {fb.signing_key_id}, receipts valid "
+                                f"{fb.max_age_seconds / 86400:g} days)" if fb.enabled
+                               else "off (no receipt key)"))
     return 0
 
 

@@ -204,6 +204,15 @@ class AxguardClient:
         finally:
             call.cancel()
 
+    def feedback(self, labels: Iterable[tuple[str, int]], *, timeout: float | None = None
+                 ) -> pb.FeedbackResponse:
+        """Send true labels as (receipt, label) pairs, the receipt from each check's
+        response; return the FeedbackResponse (one result per pair: counted, duplicate or
+        an error naming `items[i].<field>`)."""
+        request = pb.FeedbackRequest(items=[pb.LabelFeedback(receipt=r, label=int(lbl))
+                                            for r, lbl in labels])
+        return self._call(self._stub.Feedback, request, timeout)
+
     def model_info(self, *, timeout: float | None = None) -> pb.ModelInfo:
         """Return the server's ModelInfo."""
         return self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout)

@@ -6,6 +6,7 @@
     ├── Unavailable         not ready or shutting down: retry elsewhere or later
     ├── DeadlineExceeded    the call took longer than its timeout
     ├── Unauthenticated     missing or invalid bearer token
+    ├── FailedPrecondition  the server is not set up for the call (e.g. feedback is off)
     └── ServerError         INTERNAL and anything else: report with the request id
 """
 
@@ -43,6 +44,10 @@ class Unauthenticated(ClientError):
     """The server wants a valid `authorization: Bearer <token>` (see `token=`)."""
 
 
+class FailedPrecondition(ClientError):
+    """The server is not configured for this call (e.g. Feedback without a receipt key)."""
+
+
 class ServerError(ClientError):
     """The server failed (INTERNAL) or answered with another status."""
 
@@ -53,6 +58,7 @@ _BY_CODE: dict[grpc.StatusCode, type[ClientError]] = {
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
 }
 
 

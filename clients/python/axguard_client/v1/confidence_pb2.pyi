@@ -147,7 +147,7 @@ class ItemError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class CheckResponse(_message.Message):
-    __slots__ = ("request_id", "prediction", "co_scores", "verdict", "heatmaps", "timing", "error")
+    __slots__ = ("request_id", "prediction", "co_scores", "verdict", "heatmaps", "timing", "error", "receipt")
     class HeatmapsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +162,7 @@ class CheckResponse(_message.Message):
     HEATMAPS_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prediction: Prediction
     co_scores: _containers.RepeatedCompositeFieldContainer[CoScore]
@@ -169,7 +170,8 @@ class CheckResponse(_message.Message):
     heatmaps: _containers.MessageMap[str, Tensor]
     timing: Timing
     error: ItemError
-    def __init__(self, request_id: _Optional[str] = ..., prediction: _Optional[_Union[Prediction, _Mapping]] = ..., co_scores: _Optional[_Iterable[_Union[CoScore, _Mapping]]] = ..., verdict: _Optional[_Union[Verdict, _Mapping]] = ..., heatmaps: _Optional[_Mapping[str, Tensor]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., error: _Optional[_Union[ItemError, _Mapping]] = ...) -> None: ...
+    receipt: str
+    def __init__(self, request_id: _Optional[str] = ..., prediction: _Optional[_Union[Prediction, _Mapping]] = ..., co_scores: _Optional[_Iterable[_Union[CoScore, _Mapping]]] = ..., verdict: _Optional[_Union[Verdict, _Mapping]] = ..., heatmaps: _Optional[_Mapping[str, Tensor]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., error: _Optional[_Union[ItemError, _Mapping]] = ..., receipt: _Optional[str] = ...) -> None: ...
 
 class CheckBatchRequest(_message.Message):
     __slots__ = ("requests",)
@@ -224,7 +226,7 @@ class CalibrationSummary(_message.Message):
     def __init__(self, calibration_id: _Optional[str] = ..., created_at: _Optional[str] = ..., mode: _Optional[str] = ..., target: _Optional[float] = ..., delta: _Optional[float] = ..., threshold: _Optional[float] = ..., achieved_false_alarm_rate: _Optional[float] = ..., achieved_error_recall: _Optional[float] = ..., auroc_risk: _Optional[float] = ..., auroc_msp: _Optional[float] = ..., n_images: _Optional[int] = ..., n_errors: _Optional[int] = ..., risk_features: _Optional[_Iterable[str]] = ..., gax_target: _Optional[float] = ..., data_source: _Optional[str] = ..., families: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "fingerprint", "class_names", "input_shape", "mean", "std", "available_methods", "default_methods", "calibration", "torchscript", "device")
+    __slots__ = ("name", "version", "fingerprint", "class_names", "input_shape", "mean", "std", "available_methods", "default_methods", "calibration", "torchscript", "device", "feedback")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -237,6 +239,7 @@ class ModelInfo(_message.Message):
     CALIBRATION_FIELD_NUMBER: _ClassVar[int]
     TORCHSCRIPT_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    FEEDBACK_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     fingerprint: str
@@ -249,7 +252,62 @@ class ModelInfo(_message.Message):
     calibration: CalibrationSummary
     torchscript: bool
     device: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., fingerprint: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., available_methods: _Optional[_Iterable[_Union[AttributionMethod, str]]] = ..., default_methods: _Optional[_Iterable[_Union[AttributionMethod, str]]] = ..., calibration: _Optional[_Union[CalibrationSummary, _Mapping]] = ..., torchscript: _Optional[bool] = ..., device: _Optional[str] = ...) -> None: ...
+    feedback: FeedbackInfo
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., fingerprint: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., available_methods: _Optional[_Iterable[_Union[AttributionMethod, str]]] = ..., default_methods: _Optional[_Iterable[_Union[AttributionMethod, str]]] = ..., calibration: _Optional[_Union[CalibrationSummary, _Mapping]] = ..., torchscript: _Optional[bool] = ..., device: _Optional[str] = ..., feedback: _Optional[_Union[FeedbackInfo, _Mapping]] = ...) -> None: ...
+
+class FeedbackInfo(_message.Message):
+    __slots__ = ("enabled", "signing_key_id", "max_age_seconds", "max_items")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    SIGNING_KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    signing_key_id: str
+    max_age_seconds: float
+    max_items: int
+    def __init__(self, enabled: _Optional[bool] = ..., signing_key_id: _Optional[str] = ..., max_age_seconds: _Optional[float] = ..., max_items: _Optional[int] = ...) -> None: ...
+
+class FeedbackRequest(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[LabelFeedback]
+    def __init__(self, items: _Optional[_Iterable[_Union[LabelFeedback, _Mapping]]] = ...) -> None: ...
+
+class LabelFeedback(_message.Message):
+    __slots__ = ("receipt", "label")
+    RECEIPT_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    receipt: str
+    label: int
+    def __init__(self, receipt: _Optional[str] = ..., label: _Optional[int] = ...) -> None: ...
+
+class FeedbackResult(_message.Message):
+    __slots__ = ("counted", "duplicate", "request_id", "prediction_correct", "flagged", "error")
+    COUNTED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_CORRECT_FIELD_NUMBER: _ClassVar[int]
+    FLAGGED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    counted: bool
+    duplicate: bool
+    request_id: str
+    prediction_correct: bool
+    flagged: bool
+    error: ItemError
+    def __init__(self, counted: _Optional[bool] = ..., duplicate: _Optional[bool] = ..., request_id: _Optional[str] = ..., prediction_correct: _Optional[bool] = ..., flagged: _Optional[bool] = ..., error: _Optional[_Union[ItemError, _Mapping]] = ...) -> None: ...
+
+class FeedbackResponse(_message.Message):
+    __slots__ = ("results", "counted", "duplicates", "errors")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    COUNTED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[FeedbackResult]
+    counted: int
+    duplicates: int
+    errors: int
+    def __init__(self, results: _Optional[_Iterable[_Union[FeedbackResult, _Mapping]]] = ..., counted: _Optional[int] = ..., duplicates: _Optional[int] = ..., errors: _Optional[int] = ...) -> None: ...
 
 class DiagnoseRequest(_message.Message):
     __slots__ = ("request_id", "image", "target_class", "target_co", "max_steps", "learning_rate", "similarity_weight", "snapshot_every")

@@ -55,6 +55,11 @@ class ConfidenceServiceStub:
                 request_serializer=axguard_dot_v1_dot_confidence__pb2.DiagnoseRequest.SerializeToString,
                 response_deserializer=axguard_dot_v1_dot_confidence__pb2.DiagnoseEvent.FromString,
                 _registered_method=True)
+        self.Feedback = channel.unary_unary(
+                '/axguard.v1.ConfidenceService/Feedback',
+                request_serializer=axguard_dot_v1_dot_confidence__pb2.FeedbackRequest.SerializeToString,
+                response_deserializer=axguard_dot_v1_dot_confidence__pb2.FeedbackResponse.FromString,
+                _registered_method=True)
 
 
 class ConfidenceServiceServicer:
@@ -93,6 +98,16 @@ class ConfidenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Feedback(self, request, context):
+        """Feedback reports the true labels of earlier checks, each named by the receipt its
+        CheckResponse carried. Every item is verified (signature, key, age, model) and then
+        counted once into the live flag quality metrics; a bad item yields an error for that
+        item only. Fails with FAILED_PRECONDITION when the server has no receipt key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ConfidenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -115,6 +130,11 @@ def add_ConfidenceServiceServicer_to_server(servicer, server):
                     servicer.Diagnose,
                     request_deserializer=axguard_dot_v1_dot_confidence__pb2.DiagnoseRequest.FromString,
                     response_serializer=axguard_dot_v1_dot_confidence__pb2.DiagnoseEvent.SerializeToString,
+            ),
+            'Feedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Feedback,
+                    request_deserializer=axguard_dot_v1_dot_confidence__pb2.FeedbackRequest.FromString,
+                    response_serializer=axguard_dot_v1_dot_confidence__pb2.FeedbackResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -226,6 +246,33 @@ class ConfidenceService:
             '/axguard.v1.ConfidenceService/Diagnose',
             axguard_dot_v1_dot_confidence__pb2.DiagnoseRequest.SerializeToString,
             axguard_dot_v1_dot_confidence__pb2.DiagnoseEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Feedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/axguard.v1.ConfidenceService/Feedback',
+            axguard_dot_v1_dot_confidence__pb2.FeedbackRequest.SerializeToString,
+            axguard_dot_v1_dot_confidence__pb2.FeedbackResponse.FromString,
             options,
             channel_credentials,
             insecure,
