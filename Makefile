@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 
-.PHONY: serve test lint proto train-demo venv tools system-deps calibrate-demo bench bench-flag bench-gax bench-memory fuzz soak image clean
+.PHONY: serve test lint proto train-demo venv tools system-deps calibrate-demo bench bench-flag bench-gax bench-memory bench-feedback bench-drift fuzz soak image clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -68,6 +68,14 @@ bench: $(STAMP)
 # Peak RSS with the largest accepted inputs sent concurrently, written to bench/results/.
 bench-memory: $(STAMP)
 	$(BIN)/python bench/memory.py
+
+# Receipt signing and verification, Feedback over gRPC, duplicate-filter memory (~1 min).
+bench-feedback: $(STAMP)
+	$(BIN)/python bench/feedback.py
+
+# Drift alerts on shifted held-out digits, evaluated by a real Prometheus (~1 min).
+bench-drift: $(STAMP) system-deps
+	$(BIN)/python bench/drift.py
 
 # The whole fuzz run (make test sends 3,000 of the same seeded cases), summary in bench/results/.
 FUZZ_REQUESTS ?= 20000

@@ -2,9 +2,11 @@
 
 Starts `axguard serve` on the demo model with its defaults and, for DURATION seconds, keeps
 4 client threads busy with valid requests (encoded PNG checks, tensor checks, verdict-only
-checks, 4-image CheckBatches, a short Diagnose now and then) while a fifth thread sends the
-seeded hostile cases of tests/fuzzing.py at about 20 a second. Every 5 s it records the
-server's resident memory, open file descriptors and threads. Writes
+checks, 4-image CheckBatches, a short Diagnose now and then, label Feedback for the receipts
+it got, a quarter of them sent twice) while a fifth thread sends the seeded hostile cases of
+tests/fuzzing.py at about 20 a second. The duplicate filter is set to 20,000 receipts so
+that the soak fills it. Every 5 s it records the server's resident memory, open file
+descriptors, threads and duplicate-filter entries. Writes
 bench/results/soak.{json,md}; exits 1 if any request got INTERNAL or UNKNOWN.
 """
 
@@ -27,7 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from fuzzing import FORBIDDEN, hostile_cases, run_cases  # noqa: E402
+from fuzzing import FORBIDDEN, FUZZ_KEY_ID, FUZZ_SECRET, hostile_cases, run_cases  # noqa: E402
 
 from axguard.v1 import confidence_pb2 as pb  # noqa: E402
 from axguard_client import AxguardClient, ClientError  # noqa: E402
@@ -44,14 +46,42 @@ def proc_stats(pid: int) -> dict:
             "fds": len(os.listdir(f"/proc/{pid}/fd"))}
 
 
-def main() -> int:
-    duration = float(os.environ.get("DURATION", sys.argv[1] if len(sys.argv) > 1 else 600))
+FILTER_SIZE = 20_000
+
+
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def filter_entries(metrics_port: int) -> float | None:
+    """The server's axguard_feedback_filter_entries, read from /metrics."""
+    import urllib.request
+
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                      timeout=5).read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("axguard_feedback_filter_entries{"):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def main() -> int:
+    import tempfile
+
+    duration = float(os.environ.get("DURATION", sys.argv[1] if len(sys.argv) > 1 else 600))
+    port, metrics_port = _free_port(), _free_port()
+    keys = Path(tempfile.mkdtemp()) / "receipt-keys"
+    keys.write_text(f"{FUZZ_KEY_ID} {FUZZ_SECRET}\n")
     server = subprocess.Popen(
         [sys.executable, "-m", "axguard.cli", "serve", "--port", str(port), "--metrics-port",
-         "0", "--log-level", "WARNING"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+         str(metrics_port), "--log-level", "WARNING", "--feedback-key-file", str(keys)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "AXGUARD_FEEDBACK__DUPLICATE_FILTER_SIZE": str(FILTER_SIZE)})
     target = f"127.0.0.1:{port}"
     digits = [p.read_bytes() for p in sorted(EXAMPLES.glob("digit_*.png"))]
     tensor = pb.Image(tensor=pb.Tensor(shape=[3, 32, 32],
@@ -73,14 +103,24 @@ def main() -> int:
 
         def valid_load(worker: int) -> None:
             rng = np.random.default_rng(worker)
+            labels: list[tuple[str, int]] = []
             with AxguardClient(target, timeout=30) as client:
                 while not stop.is_set():
                     kind = int(rng.integers(100))
                     try:
                         if kind < 40:
                             digit = int(rng.integers(10))
-                            ok = client.check(digits[digit]).prediction.class_index == digit
+                            response = client.check(digits[digit])
+                            ok = response.prediction.class_index == digit
                             name = "check_png" if ok else "check_png_wrong_answer"
+                            labels.append((response.receipt, digit))
+                        elif kind < 45 and labels:
+                            again = labels[: len(labels) // 4]  # already sent: duplicates
+                            sent = client.feedback(labels + again)
+                            name = ("feedback" if sent.errors == 0 and
+                                    sent.counted + sent.duplicates == len(labels) + len(again)
+                                    else "feedback_refused")
+                            labels = []
                         elif kind < 60:
                             client.check(pb.CheckRequest(image=tensor))
                             name = "check_tensor"
@@ -118,13 +158,15 @@ def main() -> int:
         start = time.time()
         while time.time() - start < duration:
             samples.append({"t": round(time.time() - start, 1), **proc_stats(server.pid),
-                            "requests": sum(codes.values())})
+                            "requests": sum(codes.values()),
+                            "filter_entries": filter_entries(metrics_port)})
             time.sleep(5)
         stop.set()
         for t in threads:
             t.join(60)
         samples.append({"t": round(time.time() - start, 1), **proc_stats(server.pid),
-                        "requests": sum(codes.values())})
+                        "requests": sum(codes.values()),
+                        "filter_entries": filter_entries(metrics_port)})
     finally:
         alive = server.poll() is None
         server.terminate()
@@ -146,6 +188,8 @@ def main() -> int:
                 "last": samples[-1]["fds"]},
         "threads": {"first": samples[0]["threads"], "max": max(s["threads"] for s in samples),
                     "last": samples[-1]["threads"]},
+        "duplicate_filter": {"size": FILTER_SIZE, "max_entries": max(
+            (s["filter_entries"] or 0) for s in samples), "last": samples[-1]["filter_entries"]},
         "samples": samples,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -157,12 +201,17 @@ def main() -> int:
           f"| | first | max | last |\n|---|---|---|---|\n"
           f"| RSS (MiB) | {r['first']:.0f} | {r['max']:.0f} | {r['last']:.0f} |\n"
           f"| open file descriptors | {f['first']} | {f['max']} | {f['last']} |\n"
-          f"| threads | {t['first']} | {t['max']} | {t['last']} |\n\n"
+          f"| threads | {t['first']} | {t['max']} | {t['last']} |\n"
+          f"| duplicate-filter entries (size {FILTER_SIZE:,}) | {samples[0]['filter_entries']} "
+          f"| {result['duplicate_filter']['max_entries']:.0f} "
+          f"| {result['duplicate_filter']['last']} |\n\n"
           f"RSS drift after the first minute: {slope:+.1f} MiB per 10 minutes\n\n"
           f"codes: {result['codes']}\n")
     (RESULTS / "soak.md").write_text(md)
     print(md)
-    return 0 if forbidden == 0 and alive and wrong == 0 else 1
+    refused = sum(n for (name, _), n in codes.items() if name == "feedback_refused")
+    bounded = result["duplicate_filter"]["max_entries"] <= FILTER_SIZE
+    return 0 if forbidden == 0 and alive and wrong == 0 and not refused and bounded else 1
 
 
 if __name__ == "__main__":

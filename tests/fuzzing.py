@@ -87,6 +87,47 @@ def _tensor(shape: list[int], values: np.ndarray) -> pb.Image:
     return pb.Image(tensor=pb.Tensor(shape=shape, data=values.astype("<f4").tobytes()))
 
 
+FUZZ_KEY_ID = "fuzz"
+FUZZ_SECRET = "fuzzing-secret-known-to-the-generator-0123456789"
+"""The fuzz server's receipt key: the generator also forges well-signed receipts."""
+
+
+def _b64(data: bytes) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _feedback(rng: np.random.Generator) -> pb.FeedbackRequest:
+    """Forged, mangled and validly signed receipts with odd payloads and labels."""
+    import hashlib
+    import hmac
+    import json
+
+    items = []
+    for _ in range(int(rng.integers(0, 6))):
+        choice = int(rng.integers(6))
+        if choice == 0:
+            receipt = rng.bytes(int(rng.integers(0, 300))).decode("latin-1")
+        elif choice == 1:
+            receipt = ".".join(["axr1", FUZZ_KEY_ID, _b64(rng.bytes(60)), _b64(rng.bytes(32))])
+        elif choice == 2:
+            receipt = "axr1." * int(rng.integers(1, 400))
+        else:  # signed with the server's key: payloads a leaked key could produce
+            body = [{"i": "x", "m": "0" * 16, "c": "", "k": 1, "r": None, "f": None, "t": 0},
+                    {"i": 1, "m": None, "c": [], "k": "z", "r": "nan", "f": 3, "t": 1e300},
+                    {"unexpected": True}, [1, 2], "text"][int(rng.integers(5))]
+            payload = _b64(json.dumps(body).encode())
+            signed = f"axr1.{FUZZ_KEY_ID}.{payload}"
+            sig = hmac.new(FUZZ_SECRET.encode(), signed.encode(), hashlib.sha256).digest()
+            receipt = f"{signed}.{_b64(sig)}"
+        label = int(rng.choice([0, 3, -1, 10, 2**31 - 1, -(2**31)]))
+        items.append(pb.LabelFeedback(receipt=receipt, label=label))
+    if rng.random() < 0.05:
+        items = items[:1] * 10_001  # over feedback.max_items
+    return pb.FeedbackRequest(items=items)
+
+
 def hostile_cases(seed: int, count: int, shape: tuple[int, int, int] = (3, 32, 32)
                   ) -> Iterator[Case]:
     """Yield `count` hostile cases, the same ones for the same seed."""
@@ -96,6 +137,7 @@ def hostile_cases(seed: int, count: int, shape: tuple[int, int, int] = (3, 32, 3
         "random_bytes", "truncated", "bit_flipped", "header_fuzz", "other_format", "bomb",
         "tiff_tag_type", "bad_tensor", "bad_enum", "bad_label", "batch", "empty_batch",
         "diagnose_options", "unparsable", "tiny_deadline", "cancelled_stream", "model_info",
+        "feedback",
     ]
     for i in range(count):
         kind = kinds[int(rng.integers(len(kinds)))] if i >= len(kinds) else kinds[i]
@@ -184,8 +226,13 @@ def hostile_cases(seed: int, count: int, shape: tuple[int, int, int] = (3, 32, 3
                 request.snapshot_every = -int(rng.integers(1, 100))
             yield Case(kind, "Diagnose", request.SerializeToString(),
                        BAD | {C.OK, C.RESOURCE_EXHAUSTED})
+        elif kind == "feedback":
+            yield Case(kind, "Feedback", _feedback(rng).SerializeToString(),
+                       frozenset({C.OK, C.INVALID_ARGUMENT, C.RESOURCE_EXHAUSTED,
+                                  C.FAILED_PRECONDITION}))
         elif kind == "unparsable":
-            rpc = ("Check", "CheckBatch", "Diagnose", "GetModelInfo")[int(rng.integers(4))]
+            rpc = ("Check", "CheckBatch", "Diagnose", "GetModelInfo",
+                   "Feedback")[int(rng.integers(5))]
             data = b"\xff" + rng.bytes(int(rng.integers(0, 40)))
             # Unknown fields are legal protobuf: some garbage parses as an empty message.
             yield Case(kind, rpc, data, BAD | ({C.OK} if rpc == "GetModelInfo" else set()))

@@ -109,13 +109,25 @@ def test_overlay_turns_on_tls_and_tokens_and_probes_through_tls():
     assert env["AXGUARD_SERVER__TLS__CERT_FILE"] == "/tls/tls.crt"
     assert env["AXGUARD_SERVER__AUTH__TOKEN_FILE"] == "/auth/tokens"
     secrets = {v["name"]: v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
-    assert secrets == {"tls": "axguard-tls", "auth": "axguard-tokens"}
+    assert secrets == {"tls": "axguard-tls", "auth": "axguard-tokens",
+                       "receipt-keys": "axguard-receipt-keys"}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         command = container[probe]["exec"]["command"]
         assert "grpc" not in container[probe]  # kubelet's gRPC probe speaks plaintext only
         assert command[:2] == ["axguard", "health"] and "--tls-ca" in command
     sc = container["securityContext"]
     assert sc["readOnlyRootFilesystem"] and sc["capabilities"]["drop"] == ["ALL"]
+
+
+def test_overlay_gives_every_replica_the_same_receipt_keys():
+    spec = deployment("overlays/custom-model")["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["AXGUARD_FEEDBACK__KEY_FILE"] == "/receipts/keys"
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts["/receipts"]["readOnly"]
+    volume = next(v for v in spec["volumes"] if v["name"] == mounts["/receipts"]["name"])
+    assert volume["secret"]["items"] == [{"key": "keys", "path": "keys"}]
 
 
 def test_overlay_mounts_model_config_and_calibration():
@@ -148,5 +160,8 @@ def test_grafana_dashboard_queries_exported_metrics():
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     assert exprs
     for needed in ("axguard_flagged_total", "axguard_risk_score_bucket",
-                   "axguard_check_duration_seconds_bucket", "axguard_checks_total"):
+                   "axguard_check_duration_seconds_bucket", "axguard_checks_total",
+                   "axguard:live_false_alarm_rate_lower95:1d", "axguard_calibration_promise",
+                   "axguard:live_error_recall:1d", "axguard_feedback_refused_total",
+                   "axguard_drift_psi", "axguard_drift_flagged_share"):
         assert any(needed in e for e in exprs), needed

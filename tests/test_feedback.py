@@ -250,3 +250,22 @@ def test_the_drift_window_is_quiet_on_reference_like_data_and_loud_on_shifted_da
         window.add(float(rng.uniform(0.8, 1.0)), float(rng.exponential(0.5)), 3, True)
     loud = window.state()
     assert all(v > 0.25 for v in loud.psi.values()) and loud.flagged_share == 1.0
+
+
+def test_feedback_and_drift_settings_are_validated(tmp_path, demo_engine):
+    from pydantic import ValidationError
+
+    from axguard.config import load_settings
+    from axguard.server import build_server
+
+    with pytest.raises(ValidationError, match="max_age"):
+        load_settings(feedback={"max_age": -5})
+    with pytest.raises(ValidationError, match="min_items must not exceed"):
+        load_settings(drift={"window": 100, "min_items": 500})
+    assert load_settings(feedback={"max_age": "P2D"}).feedback.max_age.days == 2
+    weak = tmp_path / "weak"
+    weak.write_text("k1 short\n")
+    settings = load_settings(server={"port": 0}, feedback={"key_file": weak})
+    with pytest.raises(ConfigError) as err:
+        build_server(settings, demo_engine)
+    assert err.value.field == "feedback.key_file" and str(weak) in err.value.message

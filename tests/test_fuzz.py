@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from fuzzing import hostile_cases, run_cases
+from fuzzing import FUZZ_KEY_ID, FUZZ_SECRET, hostile_cases, run_cases
 
 from axguard_client import AxguardClient
 from conftest import EXAMPLES, ROOT
@@ -35,11 +35,15 @@ def server_process(tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    log = tmp_path_factory.mktemp("fuzz") / "server.log"
+    folder = tmp_path_factory.mktemp("fuzz")
+    log = folder / "server.log"
+    keys = folder / "receipt-keys"
+    keys.write_text(f"{FUZZ_KEY_ID} {FUZZ_SECRET}\n")
     stderr = open(log, "w")  # noqa: SIM115  (closed at teardown)
     proc = subprocess.Popen(
         [sys.executable, "-m", "axguard.cli", "serve", "--port", str(port), "--metrics-port",
-         "0", "--log-level", "WARNING"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
+         "0", "--log-level", "WARNING", "--feedback-key-file", str(keys)], cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=stderr)
     target = f"127.0.0.1:{port}"
     with AxguardClient(target, timeout=5) as client:
         deadline = time.time() + 120
@@ -74,7 +78,7 @@ def test_hostile_requests_get_documented_codes_and_the_server_keeps_serving(serv
     assert report.violations == [], report.violations[:20]
     assert report.sent == REQUESTS and sum(report.codes.values()) == REQUESTS
     kinds = {kind for kind, _ in report.codes}
-    assert len(kinds) == 17  # every kind of case was sent
+    assert len(kinds) == 18  # every kind of case was sent
     with AxguardClient(target, timeout=30) as client:
         for digit in ("3", "7"):
             response = client.check(EXAMPLES / f"digit_{digit}.png")
