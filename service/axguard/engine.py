@@ -589,8 +589,10 @@ class Engine:
         yield from gax.diagnose(self._gax_network, image.to(self.bundle.device), options,
                                 should_stop=should_stop)
 
-    def warm_up(self) -> None:
-        """Run one check with the default methods on a mid-grey image, then mark ready."""
+    def warm_up(self, *, ready: bool = True) -> CheckResult:
+        """Run one check with the default methods on a mid-grey image and return it; then
+        mark the engine ready (unless `ready` is False: more start-up work follows)."""
         image = torch.full(self.bundle.spec.shape, 0.5)
-        self.check([CheckItem(image)])
-        self.ready = True
+        result = self.check([CheckItem(image)])[0]
+        self.ready = ready
+        return result

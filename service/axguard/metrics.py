@@ -93,6 +93,10 @@ class Metrics:
             "axguard_calibration_flagged_share",
             "Share of predictions the loaded calibration expects flagged.",
             ["model", "calibration_id"], registry=r)
+        self.torch_threads = Gauge(
+            "axguard_torch_threads", "torch intra-op threads, and how they were chosen "
+            '("measured" at warm-up, "configured", "device" for GPU models).',
+            ["model", "source"], registry=r)
         self.rpc_duration = Histogram("axguard_grpc_request_duration_seconds",
                                       "Seconds per RPC.", ["grpc_method"],
                                       buckets=SECONDS_BUCKETS, registry=r)

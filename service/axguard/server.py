@@ -36,7 +36,7 @@ from .converters import (
     result_to_response,
     tensor_to_proto,
 )
-from .engine import Engine
+from .engine import CheckItem, Engine
 from .errors import (
     AxguardError,
     Busy,
@@ -52,6 +52,14 @@ from .live import LiveQuality
 from .metrics import EngineCollector, LiveQualityCollector, Metrics
 from .preprocess import decode_plan
 from .security import CertificateFiles, TokenFile, TokenInterceptor
+from .threads import (
+    ThreadChoice,
+    candidate_threads,
+    choose_threads,
+    measure_threads,
+    usable_cores,
+)
+from .transport_cost import transport_seconds_per_request
 from .v1 import confidence_pb2 as pb
 from .v1 import confidence_pb2_grpc as pb_grpc
 
@@ -164,6 +172,8 @@ class ConfidenceServicer(pb_grpc.ConfidenceServiceServicer):
         """Set on SIGTERM: new requests get UNAVAILABLE while in-flight ones finish."""
         self._diagnoses = threading.BoundedSemaphore(settings.gax.max_concurrent)
         self.live = LiveQuality(settings, engine.bundle, engine.calibration, metrics)
+        self.thread_choice = ThreadChoice(torch.get_num_threads(), "process")
+        """Set by start_serving when it picks the threads; "process" = as found."""
 
     def _ensure_ready(self, *, warm: bool = True) -> None:
         """Raise NotReady while draining, or (if `warm`) before the warm-up finished."""
@@ -354,6 +364,8 @@ class ConfidenceServicer(pb_grpc.ConfidenceServiceServicer):
         info = model_info(self.engine.bundle, self.engine.default_methods,
                           self.engine.calibration)
         live = self.live
+        info.torch_threads = self.thread_choice.threads
+        info.torch_threads_choice = self.thread_choice.describe()
         info.feedback.CopyFrom(pb.FeedbackInfo(
             enabled=live.enabled, max_items=live.max_items,
             max_age_seconds=live.max_age_seconds,
@@ -547,13 +559,47 @@ def build_server(
 
 
 def start_serving(
-    server: grpc.Server, engine: Engine, health_servicer: health.HealthServicer
+    server: grpc.Server, engine: Engine, health_servicer: health.HealthServicer,
+    settings: Settings | None = None,
 ) -> None:
-    """Start the server, warm the engine up, then report SERVING."""
+    """Start the server, warm the engine up, pick the torch threads (when `settings` are
+    given; see threads.py), then report SERVING."""
     server.start()
-    engine.warm_up()
+    warm = engine.warm_up(ready=settings is None)
+    if settings is not None:
+        choice = choose_torch_threads(settings, engine, warm)
+        servicer = server.axguard_servicer
+        servicer.thread_choice = choice
+        servicer.metrics.torch_threads.labels(servicer.metrics.model, choice.source).set(
+            choice.threads)
+        engine.ready = True
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+def choose_torch_threads(settings: Settings, engine: Engine, warm: Any) -> ThreadChoice:
+    """Set torch's intra-op threads: `model.torch_threads` when configured, else the count
+    with the shortest measured batch cycle (threads.choose_threads), timing a batch of
+    min(max_batch_size, max_workers) images (the largest batch single Checks can form) and
+    a loopback round trip of the transport. GPU models keep cores − 1."""
+    cores = usable_cores()
+    if settings.model.torch_threads:
+        choice = ThreadChoice(settings.model.torch_threads, "configured")
+    elif engine.bundle.device.type != "cpu":
+        choice = ThreadChoice(max(1, cores - 1), "device")
+    else:
+        batch = min(settings.batching.max_batch_size, settings.server.max_workers)
+        images = torch.rand(batch, *engine.bundle.spec.shape,
+                            generator=torch.Generator().manual_seed(0))
+        items = [CheckItem(image) for image in images]
+        timings = measure_threads(lambda: engine.check(items), candidate_threads(cores))
+        transport = transport_seconds_per_request(engine.bundle, images[0], warm)
+        choice = ThreadChoice(choose_threads(timings, transport, batch, cores), "measured",
+                              batch, timings, transport)
+    torch.set_num_threads(choice.threads)
+    log.info("torch_threads", extra={"threads": choice.threads, "source": choice.source,
+                                     "choice": choice.describe()})
+    return choice
 
 
 QUIET_SECONDS = 0.5
@@ -576,17 +622,10 @@ def drain(server: grpc.Server, health_servicer: health.HealthServicer, grace: fl
 
 
 def configure_torch(settings: Settings) -> None:
-    """Set torch's intra-op threads (default: one less than the usable cores, at least 1).
-
-    One core is left to gRPC and Python: on the 2-core benchmark machine, two torch threads
-    made a demo-model check 2.3× slower inside the server (OpenMP workers competing with the
-    RPC threads) than one.
-    """
-    import os
-
-    threads = settings.model.torch_threads or max(1, len(os.sched_getaffinity(0)) - 1)
-    torch.set_num_threads(threads)
-    log.info("torch_threads", extra={"threads": threads})
+    """Set torch's intra-op threads before the model loads: `model.torch_threads`, else
+    one less than the usable cores (at least 1) until the warm-up measures the best count
+    (`start_serving`)."""
+    torch.set_num_threads(settings.model.torch_threads or max(1, usable_cores() - 1))
 
 
 def serve(settings: Settings) -> int:
@@ -605,7 +644,7 @@ def serve(settings: Settings) -> int:
                                             registry=server.axguard_metrics.registry)
         log.info("metrics", extra={"address": f"{settings.metrics.host}:"
                                               f"{metrics_http.server_port}"})
-    start_serving(server, engine, health_servicer)
+    start_serving(server, engine, health_servicer, settings)
     log.info("serving", extra={"address": f"{settings.server.host}:{port}",
                                "model": engine.bundle.name})
     stop.wait()

@@ -1,0 +1,100 @@
+"""How many torch threads: measured at warm-up, not guessed. No gRPC here.
+
+Per engine batch of b requests, torch needs c_t seconds of wall time on t threads, and the
+transport (gRPC and protobuf in Python, mostly serialised by the GIL, so about one core)
+needs b·τ seconds of CPU. With a core to spare (t < cores) the two overlap and a batch
+cycle takes max(c_t, b·τ); with every core given to torch they compete and it takes
+c_t + b·τ. The policy keeps the thread count with the shortest cycle (ties within 2% go
+to fewer threads). On this 2-core machine that keeps 1 thread for the demo CNN, whose
+batch barely gains from a second thread while its requests are transport-bound, and 2 for
+ResNet-34, whose batch is seconds long.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+TIE = 0.02
+"""Cycles within 2% of the best count as equal: fewer threads win."""
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (the container's cpuset, not the host's)."""
+    return len(os.sched_getaffinity(0))
+
+
+def candidate_threads(cores: int) -> list[int]:
+    """Thread counts worth timing: every count up to 4, then a few spread to `cores`."""
+    if cores <= 4:
+        return list(range(1, cores + 1))
+    return sorted({1, 2, cores // 2, cores - 1, cores})
+
+
+def cycle_seconds(threads: int, batch_seconds: float, transport_seconds: float,
+                  cores: int) -> float:
+    """Seconds per batch cycle: overlapped when a core is left for the transport."""
+    if threads < cores:
+        return max(batch_seconds, transport_seconds)
+    return batch_seconds + transport_seconds
+
+
+def choose_threads(batch_seconds: dict[int, float], transport_seconds_per_item: float,
+                   batch: int, cores: int) -> int:
+    """Return the thread count with the shortest batch cycle (fewer threads on ties)."""
+    transport = batch * transport_seconds_per_item
+    cycles = {t: cycle_seconds(t, s, transport, cores) for t, s in batch_seconds.items()}
+    best = min(cycles.values())
+    return min(t for t, c in cycles.items() if c <= best * (1 + TIE))
+
+
+@dataclass(frozen=True)
+class ThreadChoice:
+    """What the policy measured and chose."""
+
+    threads: int
+    source: str
+    """"configured" (model.torch_threads), "measured", or "device" (a GPU model)."""
+    batch: int = 0
+    batch_seconds: dict[int, float] | None = None
+    transport_seconds_per_item: float = 0.0
+
+    def describe(self) -> str:
+        """One line for logs and GetModelInfo."""
+        if self.source != "measured" or not self.batch_seconds:
+            return f"{self.threads} ({self.source})"
+        timings = ", ".join(f"{t}: {s * 1e3:.1f} ms" for t, s in sorted(self.batch_seconds.items()))
+        return (f"{self.threads} (measured: batch of {self.batch} at {timings}; transport "
+                f"{self.transport_seconds_per_item * 1e3:.2f} ms per request)")
+
+
+def time_batch(run: Callable[[], object], *, budget_seconds: float = 1.0, most: int = 5
+               ) -> float:
+    """Median seconds of run() after one warm run: at least one timed run, more while the
+    budget lasts (so a seconds-long ResNet batch is timed once, a 10 ms one five times)."""
+    run()
+    times: list[float] = []
+    spent = 0.0
+    while not times or (len(times) < most and spent < budget_seconds):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+        spent += times[-1]
+    return statistics.median(times)
+
+
+def measure_threads(run_batch: Callable[[], object], candidates: list[int]) -> dict[int, float]:
+    """Seconds of one batch at each candidate thread count (torch's setting is changed)."""
+    timings = {}
+    for threads in candidates:
+        torch.set_num_threads(threads)
+        timings[threads] = time_batch(run_batch)
+    return timings
