@@ -2,7 +2,10 @@
 
 Like Triton's dynamic batcher: a worker thread takes the first waiting item, then waits up
 to `max_delay` seconds for more, up to `max_batch_size`, and runs them as one engine batch.
-The queue is bounded: when it is full, `submit` raises Busy at once instead of waiting.
+It stops waiting early when no request is on its way: callers announce a request with
+`arriving()` before they decode it, and while none is being decoded and the queue is empty,
+waiting could only add latency (8 clients in a closed loop otherwise lose `max_delay` on
+every batch). The queue is bounded: when it is full, `submit` raises Busy at once.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from .engine import CheckItem, CheckResult, Engine
@@ -25,6 +30,20 @@ class _Job:
     item: CheckItem
     future: Future
     enqueued: float
+
+
+class Arrival:
+    """Items announced to the batcher as on their way; `done` (idempotent) when queued."""
+
+    def __init__(self, batcher: DynamicBatcher, count: int) -> None:
+        self._batcher = batcher
+        self._count = count
+
+    def done(self) -> None:
+        """The items are queued (or will never be)."""
+        if self._count:
+            count, self._count = self._count, 0
+            self._batcher._arrived(count)
 
 
 @dataclass
@@ -54,6 +73,8 @@ class DynamicBatcher:
         self.stats = BatchStats()
         self.in_flight = 0
         """Items taken from the queue whose batch is running."""
+        self._arriving = 0
+        self._arriving_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="axguard-batcher", daemon=True)
         self._thread.start()
 
@@ -61,6 +82,22 @@ class DynamicBatcher:
     def depth(self) -> int:
         """Items waiting in the queue."""
         return self._queue.qsize()
+
+    @contextmanager
+    def arriving(self, count: int = 1) -> Iterator[Arrival]:
+        """Announce `count` items being decoded until `check` submits them (pass it the
+        Arrival) or the block ends (a refused request)."""
+        with self._arriving_lock:
+            self._arriving += count
+        arrival = Arrival(self, count)
+        try:
+            yield arrival
+        finally:
+            arrival.done()
+
+    def _arrived(self, count: int) -> None:
+        with self._arriving_lock:
+            self._arriving -= count
 
     def submit(self, item: CheckItem) -> Future:
         """Queue one validated item; raise Busy when the queue is full."""
@@ -73,9 +110,15 @@ class DynamicBatcher:
                        field="queue") from None
         return future
 
-    def check(self, items: list[CheckItem], timeout: float | None = None) -> list[CheckResult]:
-        """Submit items and wait for all their results, in order."""
-        futures = [self.submit(item) for item in items]
+    def check(self, items: list[CheckItem], timeout: float | None = None,
+              arrival: Arrival | None = None) -> list[CheckResult]:
+        """Submit items and wait for all their results, in order. `arrival` (from
+        `arriving`) is marked done once every item is queued."""
+        try:
+            futures = [self.submit(item) for item in items]
+        finally:
+            if arrival is not None:
+                arrival.done()
         end = None if timeout is None else time.perf_counter() + timeout
         try:
             return [f.result(timeout=None if end is None else max(end - time.perf_counter(), 0))
@@ -100,6 +143,8 @@ class DynamicBatcher:
             deadline = time.perf_counter() + self.max_delay
             while len(jobs) < self.max_batch_size:
                 remaining = deadline - time.perf_counter()
+                if self._arriving == 0 and self._queue.empty():
+                    break  # nothing on its way: waiting would only add latency
                 try:
                     job = self._queue.get(timeout=max(remaining, 0)) if remaining > 0 \
                         else self._queue.get_nowait()

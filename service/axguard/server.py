@@ -187,9 +187,12 @@ class ConfidenceServicer(pb_grpc.ConfidenceServiceServicer):
               request_id: str) -> pb.CheckResponse:
         start = time.perf_counter()
         self._ensure_ready()
-        item = self.engine.resolve(request_to_item(request, self.engine.bundle, self.limits))
-        decoded = time.perf_counter()
-        result = self.batcher.check([item], timeout=context.time_remaining())[0]
+        with self.batcher.arriving() as arrival:
+            item = self.engine.resolve(request_to_item(request, self.engine.bundle,
+                                                       self.limits))
+            decoded = time.perf_counter()
+            result = self.batcher.check([item], timeout=context.time_remaining(),
+                                        arrival=arrival)[0]
         total = time.perf_counter() - start
         self.metrics.observe_check(result, result.timing.queue_ms, total)
         response = result_to_response(result, request_id, decode_ms=(decoded - start) * 1e3,
@@ -208,6 +211,12 @@ class ConfidenceServicer(pb_grpc.ConfidenceServiceServicer):
         if count > self.max_batch_items:
             raise InputTooLarge(f"has {count} items, limit {self.max_batch_items}",
                                 field="requests")
+        with self.batcher.arriving(count) as arrival:
+            return self._check_batch(request, context, request_id, start, arrival)
+
+    def _check_batch(self, request: pb.CheckBatchRequest, context: grpc.ServicerContext,
+                     request_id: str, start: float, arrival: Any) -> pb.CheckBatchResponse:
+        count = len(request.requests)
         responses: list[pb.CheckResponse | None] = [None] * count
         good: list[tuple[int, str, Any]] = []
         for i, sub in enumerate(request.requests):
@@ -230,7 +239,7 @@ class ConfidenceServicer(pb_grpc.ConfidenceServiceServicer):
                                                        "reason": err.message})
         decoded = time.perf_counter()
         results = self.batcher.check([item for _, _, item in good],
-                                     timeout=context.time_remaining())
+                                     timeout=context.time_remaining(), arrival=arrival)
         total_ms = (time.perf_counter() - start) * 1e3
         for result in results:
             self.metrics.observe_check(result, result.timing.queue_ms, total_ms / 1e3)
