@@ -11,8 +11,14 @@
    prediction-only Check, for both models.
 3. Peak resident memory (VmHWM) of the serving process, and its growth over a
    10,000-request run on the demo model.
+4. The verdict's own cost: the demo model with its bundled calibration, verdict-only and
+   full checks against the plain forward (engine level).
+5. The throughput targets, each a ratio measured in this run with the server's **default**
+   settings (threads chosen at warm-up): ResNet-34 (2 classes, random weights) served to 8
+   clients against the naive per-image Captum loop and the plain batched forward; the demo
+   served to 8 clients against the engine's batched check; p99 ÷ p50 at 8 and 32 clients.
 
-Usage: python bench/throughput.py [--quick]
+Usage: python bench/throughput.py [--quick | --targets-only]
 """
 
 from __future__ import annotations
@@ -78,9 +84,11 @@ def engine_level(bundle, batches: list[int], repeats: int) -> list[dict]:
     return rows
 
 
-def start_server(args: list[str], env: dict | None = None) -> tuple[subprocess.Popen, str]:
+def start_server(args: list[str], env: dict | None = None, calibration: str = "none"
+                 ) -> tuple[subprocess.Popen, str]:
+    cal = ["--calibration", calibration] if calibration else []
     proc = subprocess.Popen([sys.executable, "-m", "axguard.cli", "serve", "--port", "0",
-                             "--metrics-port", "0", "--calibration", "none", *args],
+                             "--metrics-port", "0", *cal, *args],
                             stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             env={**os.environ, **(env or {})})
     for line in proc.stderr:
@@ -105,8 +113,10 @@ def rss_mb(pid: int) -> float:
 
 
 def load(address: str, request: pb.CheckRequest, clients: int, total: int,
-         **client_options: object) -> dict:
-    """Send `total` requests from `clients` threads; return throughput and latencies."""
+         own_connections: bool = False, **client_options: object) -> dict:
+    """Send `total` requests from `clients` threads; return throughput and latencies.
+    `own_connections`: one channel (TCP connection) per thread, as separate clients have,
+    instead of one shared channel."""
     latencies: list[float] = []
     lock = threading.Lock()
     counter = iter(range(total))
@@ -121,12 +131,22 @@ def load(address: str, request: pb.CheckRequest, clients: int, total: int,
             with lock:
                 latencies.append(time.perf_counter() - start)
 
-    with AxguardClient(address, timeout=300, **client_options) as client:
-        client.check(request)  # warm the channel
+    if own_connections:
+        client_options = {**client_options,
+                          "channel_options": [("grpc.use_local_subchannel_pool", 1)]}
+    pool_clients = [AxguardClient(address, timeout=300, **client_options)
+                    for _ in range(clients if own_connections else 1)]
+    try:
+        for client in pool_clients:
+            client.check(request)  # warm the channel
         start = time.perf_counter()
         with ThreadPoolExecutor(max_workers=clients) as pool:
-            list(pool.map(worker, [client] * clients))
+            list(pool.map(worker, [pool_clients[i % len(pool_clients)]
+                                   for i in range(clients)]))
         wall = time.perf_counter() - start
+    finally:
+        for client in pool_clients:
+            client.close()
     ms = np.array(latencies) * 1e3
     return {"clients": clients, "requests": total, "throughput": total / wall,
             "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
@@ -230,6 +250,132 @@ def transport_security(folder: Path, total: int = 3000) -> list[dict]:
     return rows
 
 
+def verdict_cost(repeats: int) -> list[dict]:
+    """Engine cost of the verdict on the demo model with its bundled calibration."""
+    from axguard.calibration.artifact import load_artifact
+    from axguard.demo.bundle import ASSETS
+
+    bundle = load_demo_bundle()
+    engine = Engine(bundle, calibration=load_artifact(ASSETS / "calibration.json"))
+    rows = []
+    for n in (8, 32):
+        x = torch.rand(n, *bundle.spec.shape, generator=torch.Generator().manual_seed(n))
+
+        def plain(x: torch.Tensor = x) -> None:
+            with torch.inference_mode():
+                bundle.network(x)
+
+        t_plain = timed(plain, repeats)
+        for path, options in (("prediction_only", {"prediction_only": True}),
+                              ("verdict_only", {"verdict_only": True}),
+                              ("check (CO scores + verdict)", {})):
+            items = [CheckItem(img, **options) for img in x]
+            t = timed(lambda items=items: engine.check(items), repeats)
+            rows.append({"model": bundle.name, "families": [f.key for f in
+                                                            engine.calibration.flag.families],
+                         "batch": n, "path": path, "ips": n / t, "cost_vs_plain": t / t_plain})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def targets(folder: Path, quick: bool) -> dict:
+    """The issue's throughput targets, each a ratio of two numbers measured here."""
+    threads = len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    out: dict = {"torch_threads_in_bench_process": threads}
+    # ResNet-34, 2 classes, default server settings, 8 clients.
+    torch.manual_seed(0)
+    weights = folder / "resnet34-2.pt"
+    net = torchvision.models.resnet34(num_classes=2)
+    torch.save(net.state_dict(), weights)
+    bundle = load_bundle("torchvision:resnet34", spec=IMAGENET, class_names=["a", "b"],
+                         weights=weights, name="resnet34")
+    x = torch.rand(8, *IMAGENET.shape, generator=torch.Generator().manual_seed(0))
+
+    def plain() -> None:
+        with torch.inference_mode():
+            bundle.network(x)
+
+    plain_ips = 8 / timed(plain, 2)
+    naive_ips = 4 / timed(lambda: [naive_check(bundle.network, x[i:i + 1]) for i in range(4)],
+                          1)
+    proc, address = start_server(["--model", "torchvision:resnet34", "--weights", str(weights),
+                                  "--num-classes", "2", "--input-size", "224"])
+    try:
+        with AxguardClient(address) as client:
+            choice = getattr(client.model_info(), "torch_threads_choice", "") or "n/a"
+        row = load(address, image_request(IMAGENET, False), 8, 16 if quick else 40)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    out["resnet34"] = {**row, "threads": choice, "naive_per_image_ips": naive_ips,
+                       "plain_batched_forward_ips": plain_ips,
+                       "service_vs_naive": row["throughput"] / naive_ips,
+                       "cost_vs_plain": plain_ips / row["throughput"]}
+    print(out["resnet34"], flush=True)
+    # The demo model: engine batched check vs service, default settings.
+    from axguard.calibration.artifact import load_artifact
+    from axguard.demo.bundle import ASSETS
+
+    demo = load_demo_bundle()
+    engine = Engine(demo, calibration=load_artifact(ASSETS / "calibration.json"))
+    engine_ips = {}
+    for n in (8, 32):
+        items = [CheckItem(img) for img in torch.rand(n, *demo.spec.shape)]
+        engine_ips[n] = n / timed(lambda items=items: engine.check(items), 10)
+    best = max(engine_ips.values())
+    out["demo"] = {"engine_check_ips": engine_ips, "runs": []}
+    # BENCH_PROCESSES=1 measures an older checkout that has no --processes.
+    for processes in [int(p) for p in os.environ.get("BENCH_PROCESSES", "1,2").split(",")]:
+        # `make serve`'s settings (the bundled calibration), then two processes.
+        args = ["--processes", str(processes)] if processes > 1 else []
+        proc, address = start_server(args, calibration="")
+        address = address.replace("0.0.0.0", "127.0.0.1")
+        try:
+            with AxguardClient(address) as client:
+                choice = getattr(client.model_info(), "torch_threads_choice", "") or "n/a"
+            rows = {c: load(address, image_request(demo.spec, False), c,
+                            1000 if quick else 3000, own_connections=True) for c in (8, 32)}
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+        out["demo"]["runs"].append({
+            "processes": processes, "threads": choice, "service": rows,
+            "service_8_vs_engine": rows[8]["throughput"] / best,
+            "service_8_vs_engine_batch_8": rows[8]["throughput"] / engine_ips[8],
+            "p99_over_p50": {c: r["p99_ms"] / r["p50_ms"] for c, r in rows.items()}})
+        print(out["demo"]["runs"][-1], flush=True)
+    return out
+
+
+def targets_markdown(t: dict) -> list[str]:
+    r, d = t["resnet34"], t["demo"]
+    return [
+        "", "## Targets (default settings, one run)", "",
+        f"ResNet-34 (2 classes, 224×224), threads {r['threads']}", "",
+        "| measure | value | target |", "|---|---|---|",
+        f"| service, 8 clients (checks/s) | {r['throughput']:.2f} | |",
+        f"| naive per-image Captum (images/s, {t['torch_threads_in_bench_process']} threads) "
+        f"| {r['naive_per_image_ips']:.2f} | |",
+        f"| plain batched forward, batch 8 (images/s) | {r['plain_batched_forward_ips']:.2f} | |",
+        f"| service ÷ naive | {r['service_vs_naive']:.2f}× | ≥ 1.5× |",
+        f"| service cost ÷ plain forward | {r['cost_vs_plain']:.2f}× | ≤ 6× |",
+        f"| p99 ÷ p50 (8 clients) | {r['p99_ms'] / r['p50_ms']:.2f} | ≤ 3 |",
+        "", "Demo model (bundled calibration); each client thread its own connection", "",
+        *[f"- engine batched check, batch {n}: {v:.0f} images/s"
+          for n, v in d["engine_check_ips"].items()],
+        "", "| processes | clients | req/s | p50 ms | p99 ms | p99 ÷ p50 (≤ 3) "
+        "| ÷ best engine batch (≥ 0.70) | ÷ engine batch 8 |", "|---|---|---|---|---|---|---|---|",
+        *[f"| {run['processes']} | {c} | {s['throughput']:.0f} | {s['p50_ms']:.1f} | "
+          f"{s['p99_ms']:.1f} | {run['p99_over_p50'][c]:.2f} | "
+          f"{s['throughput'] / max(d['engine_check_ips'].values()):.2f} | "
+          f"{s['throughput'] / d['engine_check_ips'][8]:.2f} |"
+          for run in d["runs"] for c, s in run["service"].items()],
+        "", *[f"- threads with {run['processes']} process(es): {run['threads']}"
+              for run in d["runs"]],
+    ]
+
+
 def markdown(payload: dict) -> str:
     out = ["# Throughput", "", f"Machine: {payload['machine']}", "",
            "## Engine level (images/s)", "",
@@ -257,8 +403,17 @@ def markdown(payload: dict) -> str:
             out.append(f"| {r['path']} | {r['transport']} | {r['throughput']:.1f} | "
                        f"{r['throughput'] / base[r['path']]:.2f} | {r['p50_ms']:.2f} | "
                        f"{r['p99_ms']:.2f} |")
+    if payload.get("verdict"):
+        out += ["", "## The verdict's cost (demo model, bundled calibration, engine level)", "",
+                f"Families of the loaded risk model: {payload['verdict'][0]['families']}", "",
+                "| batch | path | images/s | cost ÷ plain forward |", "|---|---|---|---|"]
+        for r in payload["verdict"]:
+            out.append(f"| {r['batch']} | {r['path']} | {r['ips']:.0f} | "
+                       f"{r['cost_vs_plain']:.2f}× |")
+    if payload.get("targets"):
+        out += targets_markdown(payload["targets"])
     out += ["", "## Memory of the serving process", ""]
-    for s in payload["service"]:
+    for s in payload.get("service", []):
         out.append(f"- {json.dumps(s['memory'])}")
     return "\n".join(out) + "\n"
 
@@ -272,6 +427,17 @@ def main() -> int:
         (RESULTS / "throughput.json").write_text(json.dumps(previous, indent=1) + "\n")
         (RESULTS / "throughput.md").write_text(markdown(previous))
         print(markdown(previous))
+        return 0
+    if "--targets-only" in sys.argv:  # the targets alone (e.g. against an older checkout)
+        with tempfile.TemporaryDirectory() as tmp:
+            result = targets(Path(tmp), quick)
+        out = RESULTS / sys.argv[sys.argv.index("--targets-only") + 1] \
+            if len(sys.argv) > sys.argv.index("--targets-only") + 1 else None
+        text = "\n".join(targets_markdown(result)) + "\n"
+        if out is not None:
+            out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+            out.with_suffix(".md").write_text(text)
+        print(text)
         return 0
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     start = time.time()
@@ -293,6 +459,8 @@ def main() -> int:
                          "--classes", str(Path(tmp) / "classes.txt"), "--input-size", "224"],
             IMAGENET, {1: 8, 8: 32, 32: 64} if not quick else {1: 4, 8: 16}))
         payload["transport"] = transport_security(Path(tmp), 500 if quick else 3000)
+        payload["verdict"] = verdict_cost(3 if quick else 20)
+        payload["targets"] = targets(Path(tmp), quick)
     payload["seconds"] = round(time.time() - start)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "throughput.json").write_text(json.dumps(payload, indent=1) + "\n")

@@ -77,6 +77,8 @@ def _serve_parser(subparsers: argparse._SubParsersAction) -> None:
     srv.add_argument("--host", dest="server.host")
     srv.add_argument("--port", dest="server.port", type=int)
     srv.add_argument("--max-workers", dest="server.max_workers", type=int)
+    srv.add_argument("--processes", dest="server.processes", type=int,
+                     help="server processes sharing the port (default 1)")
     srv.add_argument("--grace-seconds", dest="server.grace_seconds", type=float,
                      help="on SIGTERM, seconds in-flight requests may finish (default 10)")
     srv.add_argument("--metrics-host", dest="metrics.host")

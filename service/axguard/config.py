@@ -138,7 +138,11 @@ class ServerSettings(BaseModel):
     port: int = Field(default=50051, ge=0, le=65535)
     """gRPC port; 0 picks a free one."""
     max_workers: int = Field(default=8, ge=1)
-    """Threads answering RPCs."""
+    """Threads answering RPCs (per process)."""
+    processes: int = Field(default=1, ge=1, le=64)
+    """Server processes sharing the port (SO_REUSEPORT), each with its own engine, batcher
+    and share of the cores; the kernel spreads connections, not requests, over them. For
+    CPU pods with many cores and many clients; more replicas are usually simpler."""
     max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     """Largest request or response message, in bytes."""
     max_image_bytes: int = Field(default=16 * 1024 * 1024, ge=1)

@@ -637,8 +637,14 @@ def configure_torch(settings: Settings) -> None:
     torch.set_num_threads(settings.model.torch_threads or max(1, usable_cores() - 1))
 
 
-def serve(settings: Settings) -> int:
-    """Run the server until SIGTERM or SIGINT; return the exit code."""
+def serve(settings: Settings, on_ready: Callable[[int], None] | None = None) -> int:
+    """Run the server until SIGTERM or SIGINT; return the exit code. With
+    `server.processes` > 1, run that many worker processes instead (workers.py);
+    `on_ready(metrics port)` is called once the server is SERVING."""
+    if settings.server.processes > 1:
+        from .workers import serve_processes
+
+        return serve_processes(settings)
     from .app import build_engine
 
     configure_torch(settings)
@@ -656,6 +662,8 @@ def serve(settings: Settings) -> int:
     start_serving(server, engine, health_servicer, settings)
     log.info("serving", extra={"address": f"{settings.server.host}:{port}",
                                "model": engine.bundle.name})
+    if on_ready is not None:
+        on_ready(metrics_http.server_port if metrics_http is not None else 0)
     stop.wait()
     drain(server, health_servicer, settings.server.grace_seconds)
     server.axguard_servicer.batcher.close()

@@ -111,15 +111,19 @@ class AxguardClient:
                  max_message_bytes: int = 64 * 1024 * 1024,
                  tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,
                  tls_key: str | Path | None = None, tls_server_name: str | None = None,
-                 token: str | None = None) -> None:
+                 token: str | None = None,
+                 channel_options: list[tuple[str, Any]] | None = None) -> None:
         """Open a channel: TLS when any tls_* is given (`tls_ca` verifies the server,
         `tls_cert` + `tls_key` present a client certificate for mutual TLS,
-        `tls_server_name` overrides the name checked in the server's certificate), and a
-        bearer token sent with every call when `token` is given."""
+        `tls_server_name` overrides the name checked in the server's certificate), a
+        bearer token sent with every call when `token` is given, and extra grpc channel
+        arguments (`channel_options`; e.g. ("grpc.use_local_subchannel_pool", 1) gives this
+        client its own connection, which a multi-process server needs to spread load)."""
         self.target = target
         self.timeout = timeout
         options = [("grpc.max_receive_message_length", max_message_bytes),
-                   ("grpc.max_send_message_length", max_message_bytes)]
+                   ("grpc.max_send_message_length", max_message_bytes),
+                   *(channel_options or [])]
         if tls_server_name:
             options.append(("grpc.ssl_target_name_override", tls_server_name))
         if any(v is not None for v in (tls_ca, tls_cert, tls_key, tls_server_name)):
