@@ -139,3 +139,22 @@ def test_prediction_only_skips_scores_and_batches_with_full_checks(client, demo_
                                CheckItem(torch.rand(3, 32, 32))])
     assert mixed[0].scores == [] and not mixed[0].verdict.calibrated
     assert len(mixed[1].scores) == 2 and mixed[1].verdict.calibrated
+
+
+def test_the_batcher_waits_for_announced_items_and_not_for_absent_ones(engine):
+    batcher = DynamicBatcher(engine, max_batch_size=16, max_delay=30.0)
+    try:
+        first, second = (engine.resolve(i) for i in items(2, seed=5))
+        # Nothing announced: the lone item runs at once, not after the 30 s delay.
+        alone = batcher.submit(first).result(timeout=10)
+        assert alone.timing.batch_size == 1
+        # Two announced: the batch waits for the one still being decoded.
+        with batcher.arriving(2) as arrival:
+            early = batcher.submit(first)
+            threading.Timer(0.3, lambda: batcher.check([second], arrival=arrival)).start()
+            assert early.result(timeout=10).timing.batch_size == 2
+        with batcher.arriving() as refused:
+            pass  # a request refused while decoding: its announcement ends with the block
+        assert refused is not None and batcher.submit(first).result(timeout=10)
+    finally:
+        batcher.close()

@@ -61,3 +61,20 @@ def test_the_server_reports_the_threads_it_chose_and_why(demo_engine, configured
     finally:
         server.stop(None)
         server.axguard_servicer.batcher.close()
+
+
+def test_the_container_cpu_limit_caps_the_usable_cores(tmp_path):
+    from axguard.threads import cgroup_cpu_limit
+
+    (tmp_path / "cpu.max").write_text("250000 100000\n")
+    assert cgroup_cpu_limit(tmp_path) == 2.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_limit(tmp_path) is None
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_limit(v1) is None
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("150000\n")
+    assert cgroup_cpu_limit(v1) == 1.5
+    assert cgroup_cpu_limit(tmp_path / "missing") is None

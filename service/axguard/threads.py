@@ -13,11 +13,13 @@ ResNet-34, whose batch is seconds long.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -27,9 +29,30 @@ TIE = 0.02
 """Cycles within 2% of the best count as equal: fewer threads win."""
 
 
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs the container's CFS quota allows (a Kubernetes CPU limit), or None if none.
+
+    cgroup v2 `cpu.max` ("QUOTA PERIOD" or "max PERIOD"), else v1 `cpu.cfs_quota_us` and
+    `cpu.cfs_period_us` (quota −1: none)."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if quota <= 0 or period <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
 def usable_cores() -> int:
-    """CPU cores this process may run on (the container's cpuset, not the host's)."""
-    return len(os.sched_getaffinity(0))
+    """CPU cores this process may use: its cpuset, capped by the container's CPU limit
+    (a pod limited to 2 CPUs on a 64-core node has 2, not 64)."""
+    cores = len(os.sched_getaffinity(0))
+    limit = cgroup_cpu_limit()
+    return cores if limit is None else max(1, min(cores, math.ceil(limit)))
 
 
 def candidate_threads(cores: int) -> list[int]:

@@ -120,6 +120,7 @@ def serve_processes(settings: Settings) -> int:
         process = context.Process(target=_worker, name=f"axguard-worker-{index}",
                                   args=(worker_settings, index, cores, send))
         process.start()
+        send.close()  # the worker holds the only sending end: its exit reads as EOF here
         workers.append((process, receive))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
