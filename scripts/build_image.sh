@@ -37,6 +37,13 @@ else
   echo "neither docker nor podman is installed (apt-get install podman buildah runc debootstrap)" >&2
   exit 2
 fi
+previous=$("${engine[@]}" image inspect --format '{{.Id}}' "$IMAGE" 2>/dev/null || true)
 "${engine[@]}" build -t "$IMAGE" "${args[@]}" \
   --build-arg "TORCH_INDEX_URL=$TORCH_INDEX_URL" --build-arg "PIP_EXTRA_ARGS=$PIP_EXTRA_ARGS" .
+current=$("${engine[@]}" image inspect --format '{{.Id}}' "$IMAGE" 2>/dev/null || true)
+# The image the tag pointed to before holds its own multi-GB copy of the venv; every source
+# change would otherwise leave one behind and fill the disk. (The build-stage cache stays.)
+if [ -n "$previous" ] && [ "$previous" != "$current" ]; then
+  "${engine[@]}" rmi "$previous" >/dev/null 2>&1 || true
+fi
 echo "built $IMAGE"
