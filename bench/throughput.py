@@ -91,8 +91,10 @@ def start_server(args: list[str], env: dict | None = None, calibration: str = "n
                              "--metrics-port", "0", *cal, *args],
                             stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             env={**os.environ, **(env or {})})
+    parent = "--processes" in args  # wait for the parent: every worker is serving then
     for line in proc.stderr:
-        if line.startswith("{") and json.loads(line)["event"] == "serving":
+        if (line.startswith("{") and json.loads(line)["event"] == "serving"
+                and (not parent or '"processes"' in line)):
             threading.Thread(target=proc.stderr.read, daemon=True).start()
             return proc, json.loads(line)["address"]
     raise RuntimeError(f"server exited with {proc.wait()}")

@@ -569,14 +569,17 @@ def build_server(
 
 def start_serving(
     server: grpc.Server, engine: Engine, health_servicer: health.HealthServicer,
-    settings: Settings | None = None,
+    settings: Settings | None = None, choice: ThreadChoice | None = None,
 ) -> None:
     """Start the server, warm the engine up, pick the torch threads (when `settings` are
-    given; see threads.py), then report SERVING."""
+    given; see threads.py), then report SERVING. A `choice` made before (the engine warmed
+    up before the port was bound) skips the warm-up."""
     server.start()
-    warm = engine.warm_up(ready=settings is None)
-    if settings is not None:
-        choice = choose_torch_threads(settings, engine, warm)
+    if choice is None:
+        warm = engine.warm_up(ready=settings is None)
+        if settings is not None:
+            choice = choose_torch_threads(settings, engine, warm)
+    if choice is not None:
         servicer = server.axguard_servicer
         servicer.thread_choice = choice
         servicer.metrics.torch_threads.labels(servicer.metrics.model, choice.source).set(
@@ -637,10 +640,13 @@ def configure_torch(settings: Settings) -> None:
     torch.set_num_threads(settings.model.torch_threads or max(1, usable_cores() - 1))
 
 
-def serve(settings: Settings, on_ready: Callable[[int], None] | None = None) -> int:
+def serve(settings: Settings, on_ready: Callable[[int], None] | None = None,
+          warm_first: bool = False) -> int:
     """Run the server until SIGTERM or SIGINT; return the exit code. With
     `server.processes` > 1, run that many worker processes instead (workers.py);
-    `on_ready(metrics port)` is called once the server is SERVING."""
+    `on_ready(metrics port)` is called once the server is SERVING. `warm_first` warms the
+    engine up and picks its threads before binding the port (a worker sharing the port must
+    not receive connections it cannot answer yet)."""
     if settings.server.processes > 1:
         from .workers import serve_processes
 
@@ -649,6 +655,9 @@ def serve(settings: Settings, on_ready: Callable[[int], None] | None = None) -> 
 
     configure_torch(settings)
     engine = build_engine(settings)
+    choice = None
+    if warm_first:
+        choice = choose_torch_threads(settings, engine, engine.warm_up(ready=False))
     server, port, health_servicer = build_server(settings, engine)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -659,7 +668,7 @@ def serve(settings: Settings, on_ready: Callable[[int], None] | None = None) -> 
                                             registry=server.axguard_metrics.registry)
         log.info("metrics", extra={"address": f"{settings.metrics.host}:"
                                               f"{metrics_http.server_port}"})
-    start_serving(server, engine, health_servicer, settings)
+    start_serving(server, engine, health_servicer, settings, choice)
     log.info("serving", extra={"address": f"{settings.server.host}:{port}",
                                "model": engine.bundle.name})
     if on_ready is not None:

@@ -9,7 +9,9 @@ worker, which drains as a single server does; a worker that dies takes the pod d
 1) so that Kubernetes restarts it.
 
 One connection always lands on one worker: a client with a single long-lived channel uses
-one process. Many clients (or a client with several channels) spread out.
+one process. Many clients (or a client with several channels) spread out. A worker binds
+the port only after its warm-up and thread measurement, so no connection reaches a worker
+that cannot answer yet.
 """
 
 from __future__ import annotations
@@ -84,8 +86,8 @@ def _worker(settings: Settings, index: int, cores: list[int], ready: Connection)
     os.sched_setaffinity(0, cores)
     configure_logging(settings.log_level, settings.log_json)
     try:
-        code = serve(settings, on_ready=lambda metrics_port: ready.send(("ready",
-                                                                          metrics_port)))
+        code = serve(settings, warm_first=True,
+                     on_ready=lambda metrics_port: ready.send(("ready", metrics_port)))
     except AxguardError as err:
         ready.send(("failed", err.message))
         code = 2
