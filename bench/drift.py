@@ -15,18 +15,15 @@ fires on a shifted condition.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import platform
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +31,11 @@ import yaml
 from PIL import Image, ImageEnhance, ImageFilter
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from prometheus_run import RULES, running_prometheus  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results"
-RULES = ROOT / "deploy" / "prometheus" / "axguard-rules.yaml"
 ALERTS = ("AxguardCalibrationStale", "AxguardFlagRateFarFromCalibration")
 WINDOW = 1000
 
@@ -58,12 +58,6 @@ CONDITIONS = {
     "rotation (25°)": lambda img, rng: img.rotate(25, resample=Image.BILINEAR),
     "contrast (× 0.4)": lambda img, rng: ImageEnhance.Contrast(img).enhance(0.4),
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> int:
@@ -89,25 +83,8 @@ def main() -> int:
     exprs = {r["alert"]: r["expr"] for g in rules["groups"] for r in g["rules"]
              if r.get("alert") in ALERTS}
     tmp = Path(tempfile.mkdtemp())
-    prom_port = _free_port()
-    (tmp / "prometheus.yml").write_text(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-        f"rule_files:\n  - {RULES}\n"
-        "scrape_configs:\n  - job_name: axguard\n    static_configs:\n"
-        f"      - targets: ['127.0.0.1:{metrics_http.server_port}']\n")
-    prom = subprocess.Popen([prometheus, f"--config.file={tmp / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={tmp / 'data'}",
-                             f"--web.listen-address=127.0.0.1:{prom_port}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def query(expr: str) -> list[dict]:
-        url = (f"http://127.0.0.1:{prom_port}/api/v1/query?"
-               + urllib.parse.urlencode({"query": expr}))
-        try:
-            body = json.loads(urllib.request.urlopen(url, timeout=5).read())
-        except OSError:
-            return []
-        return body["data"]["result"] if body["status"] == "success" else []
+    stack = contextlib.ExitStack()
+    query = stack.enter_context(running_prometheus([metrics_http.server_port], tmp)).query
 
     split = load_split("test")
     rows = []
@@ -142,8 +119,7 @@ def main() -> int:
                     "psi": psi, "alerts": fired})
                 print(rows[-1], flush=True)
     finally:
-        prom.terminate()
-        prom.wait(30)
+        stack.close()
         metrics_http.shutdown()
         server.stop(None).wait()
         server.axguard_servicer.batcher.close()

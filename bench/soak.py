@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from fuzzing import FORBIDDEN, FUZZ_KEY_ID, FUZZ_SECRET, hostile_cases, run_cases  # noqa: E402
+from prometheus_run import free_port  # noqa: E402
 
 from axguard.v1 import confidence_pb2 as pb  # noqa: E402
 from axguard_client import AxguardClient, ClientError  # noqa: E402
@@ -47,12 +47,6 @@ def proc_stats(pid: int) -> dict:
 
 
 FILTER_SIZE = 20_000
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def filter_entries(metrics_port: int) -> float | None:
@@ -74,7 +68,7 @@ def main() -> int:
     import tempfile
 
     duration = float(os.environ.get("DURATION", sys.argv[1] if len(sys.argv) > 1 else 600))
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     keys = Path(tempfile.mkdtemp()) / "receipt-keys"
     keys.write_text(f"{FUZZ_KEY_ID} {FUZZ_SECRET}\n")
     server = subprocess.Popen(

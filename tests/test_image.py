@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_run import free_port
 
 from axguard_client import AxguardClient
 from conftest import EXAMPLES, ROOT
@@ -39,12 +39,6 @@ def engine() -> list[str]:
 
 def env() -> dict[str, str]:
     return {**os.environ, "CONTAINERS_CONF": str(ROOT / "deploy/podman/containers.conf")}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 
 import grpc
 import pytest
+from prometheus_run import running_prometheus
 
 from axguard.cli import main
 from axguard.demo.data import load_split
@@ -173,14 +170,6 @@ def test_the_feedback_command_reads_a_csv_and_names_refused_lines(replicas, tmp_
     assert main(["feedback", str(csv_file), "--target", a.target]) == 2
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_prometheus_sums_feedback_of_two_replicas_into_the_live_flag_quality(
         demo_engine, key_file, demo_calibration, tmp_path):
     """Checks answered by one replica, labels sent to the other, both scraped by a real
@@ -190,86 +179,68 @@ def test_prometheus_sums_feedback_of_two_replicas_into_the_live_flag_quality(
     stretches all series of one replica by the same factor and the rates are exact."""
     from prometheus_client import start_http_server
 
-    prometheus = shutil.which("prometheus")
-    assert prometheus, "prometheus is not installed: `make test` installs it"
     settings = {"feedback": {"key_file": key_file}}
     a, b = RunningServer(demo_engine, settings), RunningServer(demo_engine, settings)
     https = [start_http_server(0, "127.0.0.1", registry=_registry(s))[0] for s in (a, b)]
-    prom_port = free_port()
-    (tmp_path / "prometheus.yml").write_text(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-        f"rule_files:\n  - {ROOT / 'deploy' / 'prometheus' / 'axguard-rules.yaml'}\n"
-        "scrape_configs:\n  - job_name: axguard\n    static_configs:\n"
-        f"      - targets: ['127.0.0.1:{https[0].server_port}', "
-        f"'127.0.0.1:{https[1].server_port}']\n")
-    prom = subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={tmp_path / 'data'}",
-                             f"--web.listen-address=127.0.0.1:{prom_port}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def query(expr: str) -> list[dict]:
-        url = (f"http://127.0.0.1:{prom_port}/api/v1/query?"
-               + urllib.parse.urlencode({"query": expr}))
-        try:
-            body = json.loads(urllib.request.urlopen(url, timeout=5).read())
-        except OSError:
-            return []
-        return body["data"]["result"] if body["status"] == "success" else []
-
     cid = demo_calibration.calibration_id
     try:
-        deadline = time.time() + 90
-        while time.time() < deadline and len(query("up == 1")) < 2:
-            time.sleep(0.5)
-        time.sleep(2)  # a scrape with every counter at its starting value, 0
-        split = load_split("test")
-        with AxguardClient(a.target) as ca, AxguardClient(b.target) as cb:
-            images = [png_bytes(img) for img in split.images]
-            responses = ca.check_batch(images[:180]) + ca.check_batch(images[180:])
-            labels = [int(y) for y in split.labels]
-            sent = cb.feedback([(r.receipt, y) for r, y in zip(responses, labels, strict=True)])
-        assert sent.counted == len(labels)
-        want = {("correct", "true"): 0, ("correct", "false"): 0,
-                ("wrong", "true"): 0, ("wrong", "false"): 0}
-        for r, y in zip(responses, labels, strict=True):
-            outcome = "correct" if r.prediction.class_index == y else "wrong"
-            want[outcome, str(r.verdict.likely_wrong).lower()] += 1
-        assert want["wrong", "true"] > 0 and want["correct", "true"] > 0
-        totals, rates = {}, {}
-        while time.time() < deadline:
-            totals = {(r["metric"]["outcome"], r["metric"]["flagged"]): float(r["value"][1])
-                      for r in query(f'sum by (outcome, flagged) (axguard_feedback_total'
-                                     f'{{calibration_id="{cid}"}})')}
-            rates = {name: query(f'axguard:{name}:1d{{calibration_id="{cid}"}}')
-                     for name in ("live_false_alarm_rate", "live_error_recall",
-                                  "live_precision", "live_false_alarm_rate_lower95")}
-            if totals == want and all(rates.values()):
-                time.sleep(2)  # let the rules evaluate on the final scrape
-                rates = {name: query(f'axguard:{name}:1d{{calibration_id="{cid}"}}')
-                         for name in rates}
-                break
-            time.sleep(1)
-        assert totals == want
-        got = {name: float(r[0]["value"][1]) for name, r in rates.items()}
-        correct = want["correct", "true"] + want["correct", "false"]
-        wrong = want["wrong", "true"] + want["wrong", "false"]
-        flagged = want["correct", "true"] + want["wrong", "true"]
-        assert got["live_false_alarm_rate"] == pytest.approx(want["correct", "true"] / correct)
-        assert got["live_error_recall"] == pytest.approx(want["wrong", "true"] / wrong)
-        assert got["live_precision"] == pytest.approx(want["wrong", "true"] / flagged)
-        assert got["live_false_alarm_rate_lower95"] < got["live_false_alarm_rate"]
-        # The promise holds on these 360 held-out digits: its alert expression is false.
-        promise = next(r for g in _rules()["groups"] for r in g["rules"]
-                       if r.get("alert") == "AxguardFlagPromiseBroken")
-        assert query(promise["expr"]) == []
+        with running_prometheus([h.server_port for h in https], tmp_path) as prometheus:
+            _labels_to_the_other_replica(a, b, cid, prometheus.query)
     finally:
-        prom.terminate()
-        prom.wait(timeout=30)
         for http in https:
             http.shutdown()
             http.server_close()
         a.stop()
         b.stop()
+
+
+def _labels_to_the_other_replica(a: RunningServer, b: RunningServer, cid: str,
+                                 query) -> None:  # noqa: ANN001
+    """Checks on `a`, their labels to `b`; Prometheus's sums and rates equal the counts."""
+    deadline = time.time() + 90
+    while time.time() < deadline and len(query("up == 1")) < 2:
+        time.sleep(0.5)
+    time.sleep(2)  # a scrape with every counter at its starting value, 0
+    split = load_split("test")
+    with AxguardClient(a.target) as ca, AxguardClient(b.target) as cb:
+        images = [png_bytes(img) for img in split.images]
+        responses = ca.check_batch(images[:180]) + ca.check_batch(images[180:])
+        labels = [int(y) for y in split.labels]
+        sent = cb.feedback([(r.receipt, y) for r, y in zip(responses, labels, strict=True)])
+    assert sent.counted == len(labels)
+    want = {("correct", "true"): 0, ("correct", "false"): 0,
+            ("wrong", "true"): 0, ("wrong", "false"): 0}
+    for r, y in zip(responses, labels, strict=True):
+        outcome = "correct" if r.prediction.class_index == y else "wrong"
+        want[outcome, str(r.verdict.likely_wrong).lower()] += 1
+    assert want["wrong", "true"] > 0 and want["correct", "true"] > 0
+    totals, rates = {}, {}
+    while time.time() < deadline:
+        totals = {(r["metric"]["outcome"], r["metric"]["flagged"]): float(r["value"][1])
+                  for r in query(f'sum by (outcome, flagged) (axguard_feedback_total'
+                                 f'{{calibration_id="{cid}"}})')}
+        rates = {name: query(f'axguard:{name}:1d{{calibration_id="{cid}"}}')
+                 for name in ("live_false_alarm_rate", "live_error_recall",
+                              "live_precision", "live_false_alarm_rate_lower95")}
+        if totals == want and all(rates.values()):
+            time.sleep(2)  # let the rules evaluate on the final scrape
+            rates = {name: query(f'axguard:{name}:1d{{calibration_id="{cid}"}}')
+                     for name in rates}
+            break
+        time.sleep(1)
+    assert totals == want
+    got = {name: float(r[0]["value"][1]) for name, r in rates.items()}
+    correct = want["correct", "true"] + want["correct", "false"]
+    wrong = want["wrong", "true"] + want["wrong", "false"]
+    flagged = want["correct", "true"] + want["wrong", "true"]
+    assert got["live_false_alarm_rate"] == pytest.approx(want["correct", "true"] / correct)
+    assert got["live_error_recall"] == pytest.approx(want["wrong", "true"] / wrong)
+    assert got["live_precision"] == pytest.approx(want["wrong", "true"] / flagged)
+    assert got["live_false_alarm_rate_lower95"] < got["live_false_alarm_rate"]
+    # The promise holds on these 360 held-out digits: its alert expression is false.
+    promise = next(r for g in _rules()["groups"] for r in g["rules"]
+                   if r.get("alert") == "AxguardFlagPromiseBroken")
+    assert query(promise["expr"]) == []
 
 
 def _rules() -> dict:

@@ -12,6 +12,7 @@ import urllib.request
 
 import grpc
 import pytest
+from prometheus_run import running_prometheus
 
 from axguard.metrics import Metrics
 from axguard_client import AxguardClient, InvalidArgument
@@ -162,49 +163,17 @@ def test_metrics_endpoint_and_graceful_shutdown():
         proc.stderr.close()
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_real_prometheus_scrapes_the_flag_and_the_alert_expression_sees_it(
         server, hardest_wrong_digit, tmp_path):
     """Service + a real Prometheus on loopback: flagged checks reach Prometheus's API."""
-    import shutil
-
     from prometheus_client import start_http_server
 
-    prometheus = shutil.which("prometheus")
-    assert prometheus, "prometheus is not installed: `make test` installs it"
     metrics_http, _ = start_http_server(0, "127.0.0.1",
                                         registry=server.server.axguard_metrics.registry)
-    prom_port = free_port()
-    rules = ROOT / "deploy" / "prometheus" / "axguard-rules.yaml"
-    (tmp_path / "prometheus.yml").write_text(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-        f"rule_files:\n  - {rules}\n"
-        "scrape_configs:\n  - job_name: axguard\n    static_configs:\n"
-        f"      - targets: ['127.0.0.1:{metrics_http.server_port}']\n")
-    prom = subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={tmp_path / 'data'}",
-                             f"--web.listen-address=127.0.0.1:{prom_port}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def query(expr: str) -> list[dict]:
-        url = (f"http://127.0.0.1:{prom_port}/api/v1/query?"
-               + urllib.parse.urlencode({"query": expr}))
-        body = json.loads(urllib.request.urlopen(url, timeout=5).read())
-        assert body["status"] == "success"
-        return body["data"]["result"]
-
-    import urllib.parse
-
     try:
-        deadline = time.time() + 60
-        with AxguardClient(server.target, timeout=60) as client:
+        with running_prometheus([metrics_http.server_port], tmp_path) as prometheus, \
+                AxguardClient(server.target, timeout=60) as client:
+            deadline = time.time() + 60
             flagged_class = None
             while time.time() < deadline:
                 for _ in range(5):
@@ -212,14 +181,10 @@ def test_real_prometheus_scrapes_the_flag_and_the_alert_expression_sees_it(
                 response = client.check(png_bytes(hardest_wrong_digit[0]))
                 assert response.verdict.likely_wrong
                 flagged_class = response.prediction.class_name
-                try:
-                    flagged = query("axguard_flagged_total")
-                    share = query('sum by (model, predicted_class) '
-                                  '(rate(axguard_flagged_total[10m])) / sum by '
-                                  '(model, predicted_class) (rate(axguard_checks_total[10m]))'
-                                  ' > 0.2')
-                except OSError:
-                    flagged, share = [], []
+                flagged = prometheus.query("axguard_flagged_total")
+                share = prometheus.query(
+                    'sum by (model, predicted_class) (rate(axguard_flagged_total[10m])) / '
+                    'sum by (model, predicted_class) (rate(axguard_checks_total[10m])) > 0.2')
                 if flagged and share:
                     break
                 time.sleep(1)
@@ -228,7 +193,5 @@ def test_real_prometheus_scrapes_the_flag_and_the_alert_expression_sees_it(
         # The AxguardFlaggedShareHigh expression (before its `for: 10m`) sees that class.
         assert [r["metric"]["predicted_class"] for r in share] == [flagged_class]
     finally:
-        prom.terminate()
-        prom.wait(timeout=30)
         metrics_http.shutdown()
         metrics_http.server_close()

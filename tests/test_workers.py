@@ -4,11 +4,12 @@ them with a `worker` label, SIGTERM drains every one and the parent exits 0."""
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
+
+from prometheus_run import free_port
 
 from axguard.workers import core_shares
 from axguard_client import AxguardClient
@@ -21,14 +22,8 @@ def test_cores_are_split_into_disjoint_shares():
     assert core_shares([0, 1], 3) == [[0], [1], [0]]  # more processes than cores: shared
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_share_the_port_and_the_metrics(tmp_path):
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     log = tmp_path / "server.log"
     with open(log, "w") as stderr:
         proc = subprocess.Popen(

@@ -12,7 +12,7 @@ import numpy as np
 from .config import Settings
 from .drift import DriftReference, DriftWindow
 from .engine import CheckResult
-from .errors import FailedPrecondition, InputTooLarge
+from .errors import AxguardError, FailedPrecondition, InputTooLarge, InvalidInput
 from .feedback import FeedbackBook, LabelOutOfRange, ReceiptError, ReceiptKeys
 from .metrics import Metrics
 from .model import ModelBundle
@@ -26,23 +26,29 @@ FEEDBACK_OFF = ("feedback is off: this server has no receipt key; set feedback.k
 
 @dataclass(frozen=True)
 class LabelOutcome:
-    """What happened to one LabelFeedback: counted, duplicate, or refused (`error_*`)."""
+    """What happened to one LabelFeedback: counted, duplicate, or refused (`error`)."""
 
     counted: bool = False
     duplicate: bool = False
     request_id: str = ""
     prediction_correct: bool = False
     flagged: bool = False
-    error_field: str = ""
-    """"receipt" or "label" when refused."""
-    error_reason: str = ""
-    error_message: str = ""
-    invalid_argument: bool = False
-    """True for a malformed receipt or a bad label; False for a receipt that verified but
-    cannot be counted here (expired, another model, unknown key): FAILED_PRECONDITION."""
+    error: AxguardError | None = None
+    """Why the item was refused; its field is `items[i].receipt` or `items[i].label`."""
+    reason: str = ""
+    """The refusal's metric label (feedback.ReceiptError.reason)."""
 
 
 INVALID_REASONS = frozenset({"malformed", "bad_signature", "label_out_of_range"})
+"""Refusals that are the client's input; the others (unknown key, expired, another model,
+beyond the duplicate filter's horizon) cannot be counted by this server: a precondition."""
+
+
+def refusal(err: ReceiptError, index: int) -> AxguardError:
+    """The engine error for a refused item, naming its field in the request."""
+    field = f"items[{index}].{'label' if isinstance(err, LabelOutOfRange) else 'receipt'}"
+    kind = InvalidInput if err.reason in INVALID_REASONS else FailedPrecondition
+    return kind(err.message, field=field)
 
 
 class LiveQuality:
@@ -51,7 +57,6 @@ class LiveQuality:
     def __init__(self, settings: Settings, bundle: ModelBundle, calibration, metrics: Metrics
                  ) -> None:  # noqa: ANN001  (CalibrationArtifact | None)
         self.metrics = metrics
-        self.calibration_id = calibration.calibration_id if calibration is not None else ""
         fb = settings.feedback
         self.max_items = fb.max_items
         self.max_age_seconds = fb.max_age.total_seconds()
@@ -104,23 +109,18 @@ class LiveQuality:
         if self.book is None:
             raise FailedPrecondition(FEEDBACK_OFF, field="feedback")
         if not items:
-            from .errors import InvalidInput
-
             raise InvalidInput("is empty: send at least one LabelFeedback", field="items")
         if len(items) > self.max_items:
             raise InputTooLarge(f"has {len(items)} items, limit {self.max_items} "
                                 "(feedback.max_items)", field="items")
         m = self.metrics
         outcomes = []
-        for receipt_text, label in items:
+        for index, (receipt_text, label) in enumerate(items):
             try:
                 counted = self.book.count(receipt_text, label)
             except ReceiptError as err:
                 m.feedback_refused.labels(m.model, err.reason).inc()
-                outcomes.append(LabelOutcome(
-                    error_field="label" if isinstance(err, LabelOutOfRange) else "receipt",
-                    error_reason=err.reason, error_message=err.message,
-                    invalid_argument=err.reason in INVALID_REASONS))
+                outcomes.append(LabelOutcome(error=refusal(err, index), reason=err.reason))
                 continue
             r = counted.receipt
             flagged = bool(r.flagged)

@@ -261,16 +261,14 @@ class ConfidenceServicer(pb_grpc.ConfidenceServiceServicer):
                                           request_id=o.request_id,
                                           prediction_correct=o.prediction_correct,
                                           flagged=o.flagged)
-            if o.error_field:
-                code = (grpc.StatusCode.INVALID_ARGUMENT if o.invalid_argument
-                        else grpc.StatusCode.FAILED_PRECONDITION)
-                result.error.code = code.value[0]
-                result.error.message = f"items[{i}].{o.error_field}: {o.error_message}"
+            if o.error is not None:
+                result.error.code = status_for(o.error).value[0]
+                result.error.message = o.error.message
                 log.info("feedback_item_refused", extra={"request_id": request_id,
-                                                         "item": i, "reason": o.error_reason})
+                                                         "item": i, "reason": o.reason})
         response.counted = sum(o.counted for o in outcomes)
         response.duplicates = sum(o.duplicate for o in outcomes)
-        response.errors = sum(bool(o.error_field) for o in outcomes)
+        response.errors = sum(o.error is not None for o in outcomes)
         log.info("feedback", extra={"request_id": request_id, "counted": response.counted,
                                     "duplicates": response.duplicates,
                                     "errors": response.errors})
