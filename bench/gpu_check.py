@@ -137,10 +137,18 @@ def throughput(bundle, batches: list[int], repeats: int) -> list[dict]:
 def main() -> int:
     import tempfile
 
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("gpu_check.json")
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    out = Path(args[0]) if args else Path("gpu_check.json")
     assert torch.cuda.is_available(), "no CUDA device"
     torch.backends.cudnn.benchmark = False
     payload = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    if "--throughput-only" in sys.argv:  # e.g. an older engine on PYTHONPATH, same machine
+        with tempfile.TemporaryDirectory() as tmp:
+            payload["throughput"] = (
+                throughput(load_demo_bundle(device="cuda"), [1, 8, 32, 128], 20)
+                + throughput(resnet34(Path(tmp), "cuda"), [1, 8, 32, 128], 5))
+        out.write_text(json.dumps(payload, indent=1, default=float) + "\n")
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         demo = load_demo_bundle(device="cuda")
         resnet = resnet34(Path(tmp), "cuda")

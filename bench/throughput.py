@@ -280,33 +280,38 @@ def verdict_cost(repeats: int) -> list[dict]:
     return rows
 
 
-def targets(folder: Path, quick: bool) -> dict:
-    """The issue's throughput targets, each a ratio of two numbers measured here."""
+def targets(folder: Path, quick: bool, device: str = "cpu") -> dict:
+    """The issue's throughput targets, each a ratio of two numbers measured here; with
+    device "cuda" the server, the naive loop and the plain forward all run on the GPU."""
     threads = len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
-    out: dict = {"torch_threads_in_bench_process": threads}
+    out: dict = {"torch_threads_in_bench_process": threads, "device": device}
+    gpu = device != "cpu"
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    on_device = ["--device", device] if gpu else []
     # ResNet-34, 2 classes, default server settings, 8 clients.
     torch.manual_seed(0)
     weights = folder / "resnet34-2.pt"
     net = torchvision.models.resnet34(num_classes=2)
     torch.save(net.state_dict(), weights)
     bundle = load_bundle("torchvision:resnet34", spec=IMAGENET, class_names=["a", "b"],
-                         weights=weights, name="resnet34")
-    x = torch.rand(8, *IMAGENET.shape, generator=torch.Generator().manual_seed(0))
+                         weights=weights, name="resnet34", device=device)
+    x = torch.rand(8, *IMAGENET.shape, generator=torch.Generator().manual_seed(0)).to(device)
 
     def plain() -> None:
         with torch.inference_mode():
             bundle.network(x)
 
-    plain_ips = 8 / timed(plain, 2)
+    plain_ips = 8 / timed(plain, 20 if gpu else 2, sync=sync)
     naive_ips = 4 / timed(lambda: [naive_check(bundle.network, x[i:i + 1]) for i in range(4)],
-                          1)
+                          10 if gpu else 1, sync=sync)
     proc, address = start_server(["--model", "torchvision:resnet34", "--weights", str(weights),
-                                  "--num-classes", "2", "--input-size", "224"])
+                                  "--num-classes", "2", "--input-size", "224", *on_device])
     try:
         with AxguardClient(address) as client:
             choice = getattr(client.model_info(), "torch_threads_choice", "") or "n/a"
-        row = load(address, image_request(IMAGENET, False), 8, 16 if quick else 40)
+        row = load(address, image_request(IMAGENET, False), 8,
+                   (16 if quick else 40) * (10 if gpu else 1))
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
@@ -319,19 +324,19 @@ def targets(folder: Path, quick: bool) -> dict:
     from axguard.calibration.artifact import load_artifact
     from axguard.demo.bundle import ASSETS
 
-    demo = load_demo_bundle()
+    demo = load_demo_bundle(device=device)
     engine = Engine(demo, calibration=load_artifact(ASSETS / "calibration.json"))
     engine_ips = {}
     for n in (8, 32):
         items = [CheckItem(img) for img in torch.rand(n, *demo.spec.shape)]
-        engine_ips[n] = n / timed(lambda items=items: engine.check(items), 10)
+        engine_ips[n] = n / timed(lambda items=items: engine.check(items), 10, sync=sync)
     best = max(engine_ips.values())
     out["demo"] = {"engine_check_ips": engine_ips, "runs": []}
     # BENCH_PROCESSES=1 measures an older checkout that has no --processes.
     for processes in [int(p) for p in os.environ.get("BENCH_PROCESSES", "1,2").split(",")]:
         # `make serve`'s settings (the bundled calibration), then two processes.
         args = ["--processes", str(processes)] if processes > 1 else []
-        proc, address = start_server(args, calibration="")
+        proc, address = start_server([*args, *on_device], calibration="")
         address = address.replace("0.0.0.0", "127.0.0.1")
         try:
             with AxguardClient(address) as client:
@@ -429,6 +434,19 @@ def main() -> int:
         (RESULTS / "throughput.json").write_text(json.dumps(previous, indent=1) + "\n")
         (RESULTS / "throughput.md").write_text(markdown(previous))
         print(markdown(previous))
+        return 0
+    if "--device" in sys.argv:  # the targets with the model on a GPU: the GPU column
+        device = sys.argv[sys.argv.index("--device") + 1]
+        with tempfile.TemporaryDirectory() as tmp:
+            result = targets(Path(tmp), quick, device)
+        result["device_name"] = (torch.cuda.get_device_name(0) if device.startswith("cuda")
+                                 else platform.processor())
+        name = f"throughput_{device.split(':')[0]}"
+        out_dir = Path(os.environ.get("BENCH_OUT", RESULTS))
+        text = "\n".join(targets_markdown(result)) + "\n"
+        (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+        (out_dir / f"{name}.md").write_text(f"# Targets on {result['device_name']}\n{text}")
+        print(text)
         return 0
     if "--targets-only" in sys.argv:  # the targets alone (e.g. against an older checkout)
         with tempfile.TemporaryDirectory() as tmp:

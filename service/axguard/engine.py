@@ -163,8 +163,18 @@ class _Heatmaps:
 
     def of(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (normalised, zero) for a subset of this object's rows."""
+        if rows == self.rows:  # the common case: no index tensor, no host-to-device copy
+            return self.normalised, self.zero
         index = [self.rows.index(i) for i in rows]
         return self.normalised[index], self.zero[index]
+
+
+def _take(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """Return x's `rows`; x itself when they are all of its rows in order (on a GPU an index
+    list is a host-to-device copy and a kernel)."""
+    if len(rows) == len(x) and rows == list(range(len(x))):
+        return x
+    return x[rows]
 
 
 class Engine:
@@ -340,16 +350,17 @@ class Engine:
         for (method, process), rows in pair_rows.items():
             h, _ = own[method].of(rows)
             chunks.append((("ax", method, process), rows,
-                           scoring.AX_PROCESSES[process](x[rows], h)))
+                           scoring.AX_PROCESSES[process](_take(x, rows), h)))
+        x_judged = _take(x, judged)
         for method in plan.counterfactual:
             h_own, _ = own[method].of(judged)
-            chunks.append((("runner_up", method), judged, x[judged] + second[method]))
-            chunks.append((("own_removed", method), judged, x[judged] - h_own))
+            chunks.append((("runner_up", method), judged, x_judged + second[method]))
+            chunks.append((("own_removed", method), judged, x_judged - h_own))
         for epsilon in plan.epsilons:
             chunks.append((("perturbed", epsilon), judged,
-                           evidence.perturb(x[judged], plain["nll"][judged], epsilon)))
+                           evidence.perturb(x_judged, _take(plain["nll"], judged), epsilon)))
         for text in plan.views:
-            chunks.append((("view", text), judged, self._view(text).transform(x[judged])))
+            chunks.append((("view", text), judged, self._view(text).transform(x_judged)))
         outputs = self._forward_chunks([c[2] for c in chunks])
         extra = {key: out for (key, _, _), out in zip(chunks, outputs, strict=True)}
 
@@ -358,8 +369,8 @@ class Engine:
         co: dict[tuple[str, str], np.ndarray] = {}
         for (method, process), rows in pair_rows.items():
             _, zero = own[method].of(rows)
-            chunk, base = extra[("ax", method, process)], logits[rows]
-            free = scoring.co_score(chunk, base, scoring.kappa(predicted[rows],
+            chunk, base = extra[("ax", method, process)], _take(logits, rows)
+            free = scoring.co_score(chunk, base, scoring.kappa(_take(predicted, rows),
                                                                bundle.num_classes))
             # An all-zero heatmap scores 0 by definition (DESIGN 1.3), even for PRODUCT.
             free = torch.where(zero, torch.zeros_like(free), free)
@@ -370,22 +381,25 @@ class Engine:
                 labelled = scoring.co_score(chunk, base,
                                             scoring.kappa(targets, bundle.num_classes))
                 labelled = torch.where(zero, torch.zeros_like(labelled), labelled)
+            # One device-to-host copy per tensor, not one per row.
             free_cpu = free.cpu()
+            free_rows, zero_rows = free_cpu.tolist(), zero.cpu().tolist()
+            labelled_rows = labelled.cpu().tolist() if labelled is not None else None
             if (method, process) in plan.co_pairs:
                 co[(method, process)] = free_cpu.numpy()[[rows.index(i) for i in judged]]
             for k, i in enumerate(rows):
                 scores[i].append(MethodScore(
-                    method=method, ax_process=process, score=float(free_cpu[k]),
-                    labelled_score=(float(labelled[k]) if labelled is not None
+                    method=method, ax_process=process, score=free_rows[k],
+                    labelled_score=(labelled_rows[k] if labelled_rows is not None
                                     and labels[i] is not None else None),
-                    zero_heatmap=bool(zero[k])))
+                    zero_heatmap=zero_rows[k]))
 
         batch_evidence = None
         if judged:
             rows = judged if len(judged) < count else slice(None)  # no copy when all are
             batch_evidence = Evidence(
                 logits=logits[rows].cpu().double().numpy(),
-                margin_gradient_norm=(evidence.gradient_norms(plain["margin"][judged])
+                margin_gradient_norm=(evidence.gradient_norms(_take(plain["margin"], judged))
                                       .cpu().double().numpy() if plan.boundary else None),
                 runner_up_logits={m: extra[("runner_up", m)].cpu().double().numpy()
                                   for m in plan.counterfactual},
@@ -477,7 +491,7 @@ class Engine:
                      ) -> torch.Tensor:
             if (kind, method) in grads:
                 assert leaf is not None
-                return finish_heatmap(method, leaf, grads[(kind, method)])[rows]
+                return _take(finish_heatmap(method, leaf, grads[(kind, method)]), rows)
             index = torch.tensor(rows, device=x.device)
             with torch.enable_grad():
                 raw = self._heatmap_fn(method)(x[index], targets[index])
