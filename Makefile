@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 
-.PHONY: serve test lint proto train-demo venv tools system-deps calibrate-demo bench bench-flag bench-gax bench-memory bench-feedback bench-drift fuzz soak image clean
+.PHONY: serve test lint proto train-demo venv tools system-deps calibrate-demo bench bench-flag bench-gax bench-memory bench-feedback bench-drift bench-transport fuzz soak image clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -72,6 +72,11 @@ bench-memory: $(STAMP)
 # Receipt signing and verification, Feedback over gRPC, duplicate-filter memory (~1 min).
 bench-feedback: $(STAMP)
 	$(BIN)/python bench/feedback.py
+
+# What a thinner Python transport could give: bare grpcio echo and the Check handler alone on
+# the thread-pool and asyncio servers, against the real server (~3 min).
+bench-transport: $(STAMP)
+	$(BIN)/python bench/transport_raw.py
 
 # Drift alerts on shifted held-out digits, evaluated by a real Prometheus (~1 min).
 bench-drift: $(STAMP) system-deps
