@@ -19,6 +19,16 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 
 venv: $(STAMP)
 
+# Triton's client for the Open Inference Protocol tests: its own environment, because
+# tritonclient needs protobuf < 7 and the project pins 7 (tests/test_tritonclient.py).
+TRITON_VENV := .venv-triton
+TRITON_STAMP := $(TRITON_VENV)/.installed
+TRITONCLIENT_VERSION := 2.73.0
+$(TRITON_STAMP):
+	test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/pip install --quiet 'tritonclient[grpc]==$(TRITONCLIENT_VERSION)'
+	touch $(TRITON_STAMP)
+
 $(BUF):
 	mkdir -p .tools
 	npm install --silent --no-save --prefix .tools @bufbuild/buf@$(BUF_VERSION)
@@ -40,7 +50,7 @@ system-deps:
 serve: $(STAMP)
 	$(BIN)/axguard serve $(ARGS)
 
-test: $(STAMP) $(BUF) system-deps
+test: $(STAMP) $(BUF) $(TRITON_STAMP) system-deps
 	PATH="$(CURDIR)/.tools/node_modules/.bin:$$PATH" $(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(STAMP) $(BUF)

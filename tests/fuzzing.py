@@ -21,9 +21,12 @@ import grpc
 import numpy as np
 from PIL import Image
 
+from axguard.oip import open_inference_grpc_pb2 as oip
 from axguard.v1 import confidence_pb2 as pb
 
 SERVICE = "/axguard.v1.ConfidenceService/"
+INFER = "/inference.GRPCInferenceService/ModelInfer"
+"""A Case's rpc that starts with "/" is a full method path (the Open Inference Protocol)."""
 C = grpc.StatusCode
 BAD = frozenset({C.INVALID_ARGUMENT})
 BAD_OR_BIG = frozenset({C.INVALID_ARGUMENT, C.RESOURCE_EXHAUSTED})
@@ -128,8 +131,72 @@ def _feedback(rng: np.random.Generator) -> pb.FeedbackRequest:
     return pb.FeedbackRequest(items=items)
 
 
-def hostile_cases(seed: int, count: int, shape: tuple[int, int, int] = (3, 32, 32)
-                  ) -> Iterator[Case]:
+def _model_infer(rng: np.random.Generator, model: str, shape: tuple[int, int, int],
+                 good_png: bytes) -> oip.ModelInferRequest:
+    """A mangled Open Inference Protocol request: lying shapes and lengths, odd datatypes,
+    garbage BYTES elements, NaN, unknown parameters and outputs, a wrong model."""
+    n = int(rng.integers(1, 4))
+    choice = int(rng.integers(9))
+    request = oip.ModelInferRequest(model_name=model if rng.random() > 0.1 else "zz")
+    tensor = request.inputs.add(name="tensor", datatype="FP32", shape=[n, *shape])
+    pixels = rng.random((n, *shape), dtype=np.float32)
+    if choice == 0:  # garbage BYTES, honest or lying lengths
+        tensor.name, tensor.datatype = "image", "BYTES"
+        del tensor.shape[:]
+        tensor.shape.extend([int(rng.choice([n, -1, 0, 2**40]))])
+        elements = [rng.bytes(int(rng.integers(0, 60))) for _ in range(n)]
+        raw = b"".join(struct.pack("<I", (len(e) + int(rng.integers(-2, 3))) % 2**32) + e
+                       for e in elements)
+        request.raw_input_contents.append(raw)
+    elif choice == 1:  # a valid PNG, raw or typed
+        tensor.name, tensor.datatype = "image", "BYTES"
+        del tensor.shape[:]
+        tensor.shape.extend([1, 1] if rng.random() < 0.5 else [1])
+        if rng.random() < 0.5:
+            request.raw_input_contents.append(struct.pack("<I", len(good_png)) + good_png)
+        else:
+            tensor.contents.bytes_contents.append(good_png)
+    elif choice == 2:  # wrong raw length
+        request.raw_input_contents.append(pixels.tobytes()[: int(rng.integers(0, 64))])
+    elif choice == 3:  # NaN / out of range, typed contents
+        pixels.ravel()[0] = float(rng.choice([np.nan, np.inf, 7.0, -1.0]))
+        tensor.contents.fp32_contents.extend(pixels.ravel().tolist())
+    elif choice == 4:  # lying shapes
+        del tensor.shape[:]
+        tensor.shape.extend(int(v) for v in rng.choice([-1, 0, 3, 32, 2**62],
+                                                       int(rng.integers(0, 6))))
+        request.raw_input_contents.append(pixels.tobytes())
+    elif choice == 5:  # odd datatype, two inputs, or both raw and typed contents
+        odd = int(rng.integers(3))
+        if odd == 0:
+            tensor.datatype = str(rng.choice(["FP16", "INT8", "BYTES", "", "fp32"]))
+        elif odd == 1:
+            request.inputs.add(name="image", datatype="BYTES", shape=[1])
+        else:
+            tensor.contents.fp32_contents.extend([0.5])
+        request.raw_input_contents.append(pixels.tobytes())
+    elif choice == 6:  # parameters of the wrong kind or unknown
+        request.raw_input_contents.append(pixels.tobytes())
+        key = str(rng.choice(["methods", "ax_processes", "prediction_only", "zzz"]))
+        kind = int(rng.integers(3))
+        if kind == 0:
+            request.parameters[key].int64_param = int(rng.integers(-5, 5))
+        elif kind == 1:
+            request.parameters[key].string_param = rng.bytes(8).hex()
+        else:
+            request.parameters[key].bool_param = True
+    elif choice == 7:  # outputs: unknown, repeated, or needing the check with prediction_only
+        request.raw_input_contents.append(pixels.tobytes())
+        for _ in range(int(rng.integers(1, 4))):
+            request.outputs.add(name=str(rng.choice(["risk", "co_scores", "x", ""])))
+        request.parameters["prediction_only"].bool_param = bool(rng.random() < 0.5)
+    else:  # valid tensor
+        request.raw_input_contents.append(pixels.tobytes())
+    return request
+
+
+def hostile_cases(seed: int, count: int, shape: tuple[int, int, int] = (3, 32, 32),
+                  model: str = "digits-cnn") -> Iterator[Case]:
     """Yield `count` hostile cases, the same ones for the same seed."""
     rng = np.random.default_rng(seed)
     good = _tensor(list(shape), np.full(shape, 0.5))
@@ -137,7 +204,7 @@ def hostile_cases(seed: int, count: int, shape: tuple[int, int, int] = (3, 32, 3
         "random_bytes", "truncated", "bit_flipped", "header_fuzz", "other_format", "bomb",
         "tiff_tag_type", "bad_tensor", "bad_enum", "bad_label", "batch", "empty_batch",
         "diagnose_options", "unparsable", "tiny_deadline", "cancelled_stream", "model_info",
-        "feedback",
+        "feedback", "model_infer",
     ]
     for i in range(count):
         kind = kinds[int(rng.integers(len(kinds)))] if i >= len(kinds) else kinds[i]
@@ -230,6 +297,11 @@ def hostile_cases(seed: int, count: int, shape: tuple[int, int, int] = (3, 32, 3
             yield Case(kind, "Feedback", _feedback(rng).SerializeToString(),
                        frozenset({C.OK, C.INVALID_ARGUMENT, C.RESOURCE_EXHAUSTED,
                                   C.FAILED_PRECONDITION}))
+        elif kind == "model_infer":
+            request = _model_infer(rng, model, shape, CORPUS["PNG"])
+            yield Case(kind, INFER, request.SerializeToString(),
+                       frozenset({C.OK, C.INVALID_ARGUMENT, C.RESOURCE_EXHAUSTED,
+                                  C.NOT_FOUND}))
         elif kind == "unparsable":
             rpc = ("Check", "CheckBatch", "Diagnose", "GetModelInfo",
                    "Feedback")[int(rng.integers(5))]
@@ -275,8 +347,8 @@ def run_cases(channel: grpc.Channel, cases: list[Case], threads: int = 8) -> Fuz
                 for _ in call:
                     pass
             else:
-                channel.unary_unary(SERVICE + case.rpc, **identity)(case.payload,
-                                                                    timeout=case.timeout)
+                path = case.rpc if case.rpc.startswith("/") else SERVICE + case.rpc
+                channel.unary_unary(path, **identity)(case.payload, timeout=case.timeout)
         except grpc.RpcError as err:
             code = err.code()
         with lock:

@@ -80,6 +80,18 @@ def test_deadline_while_waiting(engine):
         batcher.close()
 
 
+def test_a_far_future_deadline_counts_as_none(engine):
+    # Some clients (Triton's) send "no deadline" as one far in the future: waiting on it
+    # overflowed time_t (OverflowError → INTERNAL) before.
+    batcher = DynamicBatcher(engine, max_batch_size=1, max_delay=0)
+    try:
+        work = [engine.resolve(i) for i in items(1)]
+        for timeout in (1e12, 1e300, float("inf")):
+            assert batcher.check(work, timeout=timeout)[0].class_index >= 0
+    finally:
+        batcher.close()
+
+
 def test_concurrent_grpc_clients_share_batches(demo_engine):
     server = RunningServer(demo_engine, max_workers=16)
     try:

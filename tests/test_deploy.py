@@ -65,6 +65,40 @@ def test_every_manifest_file_validates():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+# KServe's ComponentExtensionSpec: the predictor's fields that are not a PodSpec's.
+KSERVE_COMPONENT_FIELDS = {"minReplicas", "maxReplicas", "scaleTarget", "scaleMetric",
+                           "containerConcurrency", "timeout", "canaryTrafficPercent",
+                           "logger", "batcher", "labels", "annotations",
+                           "deploymentStrategy", "autoScaling"}
+
+
+def test_kserve_inferenceservice_is_a_custom_grpc_predictor_with_a_valid_pod(tmp_path):
+    # No KServe schema ships offline: the predictor minus KServe's own fields is a PodSpec,
+    # validated strictly against Kubernetes' schema (unknown fields fail).
+    isvc = yaml.safe_load((ROOT / "deploy" / "kserve" / "inferenceservice.yaml").read_text())
+    assert (isvc["apiVersion"], isvc["kind"]) == ("serving.kserve.io/v1beta1",
+                                                  "InferenceService")
+    predictor = isvc["spec"]["predictor"]
+    pod_spec = {k: v for k, v in predictor.items() if k not in KSERVE_COMPONENT_FIELDS}
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "axguard-predictor"},
+           "spec": pod_spec}
+    out = tmp_path / "pod.yaml"
+    out.write_text(yaml.safe_dump(pod))
+    result = run(tool("kubernetes-validate"), "--strict", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    (container,) = predictor["containers"]
+    from axguard.config import Settings
+
+    port = Settings().server.port
+    assert container["ports"] == [{"name": "h2c", "containerPort": port, "protocol": "TCP"}]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == port
+    assert predictor["minReplicas"] >= 2 and predictor["maxReplicas"] >= predictor["minReplicas"]
+    base = deployment()["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"] == base["resources"]
+    assert container["securityContext"] == base["securityContext"]
+
+
 def deployment(target: str = "base") -> dict:
     built = run(tool("kubectl"), "kustomize", str(K8S / target)).stdout
     return next(d for d in yaml.safe_load_all(built) if d["kind"] == "Deployment")

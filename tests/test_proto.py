@@ -16,7 +16,7 @@ def test_committed_stubs_equal_freshly_generated_ones(tmp_path):
     generated = gen_proto.generate(tmp_path)
     assert generated
     for path in generated:
-        committed = ROOT / "clients" / "python" / path.relative_to(tmp_path)
+        committed = ROOT / path.relative_to(tmp_path)
         assert committed.read_text() == path.read_text(), f"{committed} is stale: run make proto"
 
 

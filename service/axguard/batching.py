@@ -24,6 +24,10 @@ from .errors import Busy, DeadlineExceeded
 
 log = logging.getLogger(__name__)
 
+MAX_WAIT_SECONDS = 365 * 24 * 3600.0
+"""Deadlines further away than this count as none (waiting on a far-future deadline
+overflows the platform's time_t: some clients, Triton's among them, send one)."""
+
 
 @dataclass
 class _Job:
@@ -119,6 +123,8 @@ class DynamicBatcher:
         finally:
             if arrival is not None:
                 arrival.done()
+        if timeout is not None and timeout > MAX_WAIT_SECONDS:
+            timeout = None  # "no deadline" as some clients send it: a far-future one
         end = None if timeout is None else time.perf_counter() + timeout
         try:
             return [f.result(timeout=None if end is None else max(end - time.perf_counter(), 0))

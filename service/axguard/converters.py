@@ -82,18 +82,21 @@ def image_from_proto(image: pb.Image, bundle: ModelBundle, limits: InputLimits,
         raise InvalidInput("is missing: set image.encoded or image.tensor",
                            field=f"{prefix}image")
     if source == "encoded":
-        if len(image.encoded) > limits.max_image_bytes:
-            raise InputTooLarge(
-                f"has {len(image.encoded)} bytes, limit {limits.max_image_bytes}",
-                field=f"{prefix}image.encoded",
-            )
-        gate = limits.decodes or contextlib.nullcontext()
-        with gate:
-            return decode_image(image.encoded, bundle.spec,
-                                max_pixels=limits.max_image_pixels,
-                                field=f"{prefix}image.encoded")
+        return image_from_encoded(image.encoded, bundle, limits, f"{prefix}image.encoded")
     return tensor_from_bytes(list(image.tensor.shape), image.tensor.data, bundle.spec,
                              field=f"{prefix}image.tensor")
+
+
+def image_from_encoded(data: bytes, bundle: ModelBundle, limits: InputLimits,
+                       field: str) -> torch.Tensor:
+    """Return the (C, H, W) pixels of an encoded image (PNG, JPEG, …) within the limits:
+    its size, its pixels, and the number of decodes at once (the memory budget)."""
+    if len(data) > limits.max_image_bytes:
+        raise InputTooLarge(f"has {len(data)} bytes, limit {limits.max_image_bytes}",
+                            field=field)
+    with limits.decodes or contextlib.nullcontext():
+        return decode_image(data, bundle.spec, max_pixels=limits.max_image_pixels,
+                            field=field)
 
 
 def prediction_message(logits: torch.Tensor, class_names: list[str]) -> pb.Prediction:

@@ -8,6 +8,7 @@
     ├── NotReady            the model is not loaded or warmed up yet
     ├── DeadlineExceeded    the caller's deadline passed while the request waited
     ├── FailedPrecondition  the server is not set up for this call (e.g. feedback off)
+    ├── NotFound            a named thing (model, version) is not served here
     ├── ConfigError         the server's own configuration is wrong (start-up only)
     └── ModelLoadError      the model or its weights could not be loaded (start-up only)
 
@@ -57,6 +58,10 @@ class DeadlineExceeded(AxguardError):
 
 class FailedPrecondition(AxguardError):
     """The call cannot work with this server's configuration."""
+
+
+class NotFound(AxguardError):
+    """The request names a model or version this server does not serve."""
 
 
 class ConfigError(AxguardError):

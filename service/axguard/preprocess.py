@@ -191,21 +191,42 @@ def tensor_from_bytes(
     if shape != spec.shape:
         raise InvalidInput(f"shape {list(shape)} must be {list(spec.shape)}",
                            field=f"{field}.shape")
+    return torch.from_numpy(_pixels(data, shape, f"{field}.data"))
+
+
+def tensor_batch_from_bytes(
+    shape: list[int] | tuple[int, ...], data: bytes, spec: InputSpec, *, shape_field: str,
+    data_field: str, max_items: int
+) -> torch.Tensor:
+    """Return a validated (N, C, H, W) float32 tensor from little-endian float32 bytes:
+    1 ≤ N ≤ max_items, (C, H, W) the model's input shape, values finite and in [0, 1]."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 4 or shape[1:] != spec.shape or shape[0] < 1:
+        raise InvalidInput(f"{list(shape)} must be [N, {', '.join(map(str, spec.shape))}] "
+                           "with N >= 1", field=shape_field)
+    if shape[0] > max_items:
+        raise InputTooLarge(f"has {shape[0]} images, limit {max_items}", field=shape_field)
+    return torch.from_numpy(_pixels(data, shape, data_field))
+
+
+def _pixels(data: bytes, shape: tuple[int, ...], field: str) -> np.ndarray:
+    """Return float32 pixels of `shape` from bytes, refusing a wrong length, NaN/Inf and
+    values outside [0, 1]."""
     expected = 4 * math.prod(shape)
     if len(data) != expected:
         raise InvalidInput(
             f"has {len(data)} bytes, expected {expected} (float32 x {list(shape)})",
-            field=f"{field}.data",
+            field=field,
         )
     values = np.frombuffer(data, dtype="<f4").reshape(shape)
     if not np.isfinite(values).all():
-        raise InvalidInput("contains NaN or Inf", field=f"{field}.data")
+        raise InvalidInput("contains NaN or Inf", field=field)
     if values.min() < 0.0 or values.max() > 1.0:
         raise InvalidInput(
             f"values must lie in [0, 1], found [{values.min():.4g}, {values.max():.4g}]",
-            field=f"{field}.data",
+            field=field,
         )
-    return torch.from_numpy(values.astype(np.float32))
+    return values.astype(np.float32)
 
 
 def tensor_to_bytes(tensor: torch.Tensor) -> tuple[list[int], bytes]:

@@ -25,7 +25,10 @@ from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-OPEN_METHODS = ("/grpc.health.v1.Health/",)
+# Probes answer without a token: gRPC health and the Open Inference Protocol's server
+# liveness and readiness (they reveal nothing but up/down).
+OPEN_METHODS = ("/grpc.health.v1.Health/", "/inference.GRPCInferenceService/ServerLive",
+                "/inference.GRPCInferenceService/ServerReady")
 """Methods that need no token: Kubernetes probes and load balancers call them."""
 
 

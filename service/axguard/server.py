@@ -7,17 +7,15 @@ log with the request id).
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import signal
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import torch
@@ -25,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
+from . import openinference
 from .batching import DynamicBatcher
 from .config import Settings
 from .converters import (
@@ -42,15 +41,14 @@ from .errors import (
     Busy,
     ConfigError,
     DeadlineExceeded,
-    FailedPrecondition,
     InputTooLarge,
     InvalidInput,
-    ModelLoadError,
     NotReady,
 )
 from .live import LiveQuality
 from .metrics import EngineCollector, LiveQualityCollector, Metrics
 from .preprocess import decode_plan
+from .rpc import rpc_method, rpc_stream_method, status_for
 from .security import CertificateFiles, TokenFile, TokenInterceptor
 from .threads import (
     ThreadChoice,
@@ -66,75 +64,6 @@ from .v1 import confidence_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ConfidenceService"].full_name
-
-# Engine error → gRPC status. The most specific class wins (checked in MRO order).
-STATUS_BY_ERROR: dict[type[AxguardError], grpc.StatusCode] = {
-    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
-    InputTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    Busy: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    NotReady: grpc.StatusCode.UNAVAILABLE,
-    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    ConfigError: grpc.StatusCode.INTERNAL,
-    ModelLoadError: grpc.StatusCode.INTERNAL,
-    AxguardError: grpc.StatusCode.INTERNAL,
-}
-
-
-def status_for(error: AxguardError) -> grpc.StatusCode:
-    """Return the status code of an engine error."""
-    for cls in type(error).__mro__:
-        if cls in STATUS_BY_ERROR:
-            return STATUS_BY_ERROR[cls]
-    return grpc.StatusCode.INTERNAL
-
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _failure(rpc: str, request_id: str, error: Exception) -> tuple[grpc.StatusCode, str]:
-    """Return the status and client message for an error; log it with the request id."""
-    if isinstance(error, AxguardError):
-        code = status_for(error)
-        log.info("rpc_rejected", extra={"rpc": rpc, "request_id": request_id,
-                                        "code": code.name, "reason": error.message})
-        return code, error.message
-    log.error("rpc_failed", exc_info=error, extra={"rpc": rpc, "request_id": request_id})
-    return grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})"
-
-
-def rpc_method(func: F) -> F:
-    """Wrap a unary servicer method: request id, error → status, no stack trace to clients."""
-
-    @functools.wraps(func)
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
-        request_id = getattr(request, "request_id", "") or uuid.uuid4().hex
-        try:
-            return func(self, request, context, request_id)
-        except Exception as err:  # noqa: BLE001  (mapped, logged, never leaked)
-            code, message = _failure(func.__name__, request_id, err)
-        context.abort(code, message)
-
-    wrapper.__axguard_rpc__ = True  # type: ignore[attr-defined]
-    return wrapper  # type: ignore[return-value]
-
-
-def rpc_stream_method(func: F) -> F:
-    """`rpc_method` for server-streaming methods (generators)."""
-
-    @functools.wraps(func)
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
-        request_id = getattr(request, "request_id", "") or uuid.uuid4().hex
-        try:
-            yield from func(self, request, context, request_id)
-            return
-        except Exception as err:  # noqa: BLE001  (mapped, logged, never leaked)
-            code, message = _failure(func.__name__, request_id, err)
-        context.abort(code, message)
-
-    wrapper.__axguard_rpc__ = True  # type: ignore[attr-defined]
-    return wrapper  # type: ignore[return-value]
-
 
 def input_limits(settings: Settings) -> InputLimits:
     """Return the decoding limits that follow from the memory budget (see decode_plan)."""
@@ -542,12 +471,14 @@ def build_server(
     server.axguard_interceptor = interceptor  # type: ignore[attr-defined]
     pb_grpc.add_ConfidenceServiceServicer_to_server(servicer, server)
     server.axguard_servicer = servicer  # type: ignore[attr-defined]  # for shutdown and tests
+    openinference.add_to_server(servicer, server)  # the Open Inference Protocol, same port
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        (SERVICE_NAME, openinference.SERVICE_NAME,
+         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME),
         server,
     )
