@@ -19,11 +19,11 @@ from axguard.batching import DynamicBatcher
 from axguard.calibration.artifact import load_artifact
 from axguard.config import Settings
 from axguard.converters import request_to_item, result_to_response
+from axguard.dataplane import input_limits
 from axguard.demo.bundle import ASSETS, load_demo_bundle
 from axguard.engine import Engine
 from axguard.live import LiveQuality
 from axguard.metrics import Metrics
-from axguard.server import input_limits
 from axguard.v1 import confidence_pb2_grpc as pb_grpc
 
 torch.set_num_threads(1)  # what the server's measurement picks for the demo here

@@ -66,7 +66,8 @@ def main() -> int:
     from axguard.app import build_engine
     from axguard.config import load_settings
     from axguard.demo.data import load_split
-    from axguard.server import build_server, configure_torch, start_serving
+    from axguard.server import build_server, start_serving
+    from axguard.startup import configure_torch
     from axguard_client import AxguardClient
 
     prometheus = shutil.which("prometheus")
@@ -76,9 +77,10 @@ def main() -> int:
     settings = load_settings(server={"host": "127.0.0.1", "port": 0})
     configure_torch(settings)
     engine = build_engine(settings)
-    server, port, health = build_server(settings, engine)
-    start_serving(server, engine, health)
-    metrics_http, _ = start_http_server(0, "127.0.0.1", registry=server.axguard_metrics.registry)
+    parts = build_server(settings, engine)
+    server, port = parts.server, parts.port
+    start_serving(parts)
+    metrics_http, _ = start_http_server(0, "127.0.0.1", registry=parts.metrics.registry)
     rules = yaml.safe_load(RULES.read_text())
     exprs = {r["alert"]: r["expr"] for g in rules["groups"] for r in g["rules"]
              if r.get("alert") in ALERTS}
@@ -122,7 +124,7 @@ def main() -> int:
         stack.close()
         metrics_http.shutdown()
         server.stop(None).wait()
-        server.axguard_servicer.batcher.close()
+        parts.plane.close()
         shutil.rmtree(tmp, ignore_errors=True)
     expected_share = engine.calibration.threshold.flagged_share
     result = {"command": "make bench-drift",

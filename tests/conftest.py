@@ -70,13 +70,15 @@ class RunningServer:
         settings = load_settings(server={"host": "127.0.0.1", "port": 0, **server_overrides},
                                  **(settings or {}))
         self.engine = engine
-        self.server, self.port, self.health = build_server(settings, engine)
-        start_serving(self.server, engine, self.health)
+        self.parts = build_server(settings, engine)
+        self.server, self.port, self.health = self.parts.server, self.parts.port, self.parts.health
+        self.plane, self.metrics = self.parts.plane, self.parts.metrics
+        start_serving(self.parts)
         self.target = f"127.0.0.1:{self.port}"
 
     def stop(self) -> None:
         self.server.stop(None).wait()
-        self.server.axguard_servicer.batcher.close()
+        self.plane.close()
 
 
 @pytest.fixture(scope="module")

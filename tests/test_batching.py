@@ -114,9 +114,10 @@ def test_full_queue_is_resource_exhausted_over_grpc(demo_bundle):
 
     engine = Engine(demo_bundle)
     settings = load_settings(server={"port": 0}, batching={"max_queue": 1, "max_batch_size": 1})
-    server, port, health = build_server(settings, engine)
-    start_serving(server, engine, health)
-    batcher = server.axguard_servicer.batcher
+    parts = build_server(settings, engine)
+    server, port = parts.server, parts.port
+    start_serving(parts)
+    batcher = parts.plane.batcher
     try:
         request = pb.CheckRequest(image=pb.Image(encoded=(EXAMPLES / "digit_1.png").read_bytes()))
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from axguard import gax
-from axguard.engine import Engine
 from axguard.errors import InvalidInput
 from axguard.gax import GaxOptions
 from axguard.preprocess import decode_image
@@ -98,11 +97,19 @@ def test_similarity_and_loss_by_hand():
         torch.tanh(torch.tensor(0.01)).item())
 
 
+def diagnoser(engine, calibration="same"):
+    from axguard.config import GaxSettings
+    from axguard.diagnoser import Diagnoser
+
+    return Diagnoser(engine.bundle, GaxSettings(max_steps_cap=2000, default_target_co=48.0),
+                     engine.calibration if calibration == "same" else calibration)
+
+
 def test_gax_options_validation(demo_engine):
     x = digit(demo_engine.bundle)
     base = dict(target_class=None, target_co=None, max_steps=500, learning_rate=0.1,
-                similarity_weight=100.0, step_cap=2000, fallback_target_co=48.0)
-    options = demo_engine.gax_options(x, **base)
+                similarity_weight=100.0)
+    options = diagnoser(demo_engine).options(x, **base)
     assert options.target_class == 3
     assert options.target_co == pytest.approx(demo_engine.calibration.gax_target)
     for change, field in ((dict(target_class=10), "target_class"),
@@ -113,10 +120,10 @@ def test_gax_options_validation(demo_engine):
                           (dict(learning_rate=1e30), "learning_rate"),
                           (dict(target_co=float("inf")), "target_co")):
         with pytest.raises(InvalidInput) as info:
-            demo_engine.gax_options(x, **{**base, **change})
+            diagnoser(demo_engine).options(x, **{**base, **change})
         assert info.value.field == field
-    uncalibrated = Engine(demo_engine.bundle)
-    assert uncalibrated.gax_options(x, **base).target_co == 48.0
+    uncalibrated = diagnoser(demo_engine, calibration=None)
+    assert uncalibrated.options(x, **base).target_co == 48.0
 
 
 def test_diagnose_stream_end_to_end(client, demo_engine):
@@ -182,7 +189,7 @@ def test_a_full_pool_refuses_at_once_and_cancel_frees_it(demo_engine, caplog):
             cancelled = [r for r in caplog.records if r.getMessage() == "diagnose_cancelled"]
             assert len(cancelled) == 2
             assert all(r.steps < 2000 for r in cancelled)
-            registry = server.server.axguard_metrics.registry
+            registry = server.metrics.registry
 
             def cancelled_count() -> float:
                 return registry.get_sample_value("axguard_grpc_requests_total", {
@@ -219,7 +226,7 @@ def test_deadline_stops_the_optimisation(demo_engine, caplog):
                 time.sleep(0.05)
             assert any(r.getMessage() == "diagnose_cancelled" for r in caplog.records)
             assert time.perf_counter() - started < 30
-            registry = server.server.axguard_metrics.registry
+            registry = server.metrics.registry
             deadline = time.time() + 10
             while time.time() < deadline and not registry.get_sample_value(
                     "axguard_grpc_requests_total",
@@ -252,11 +259,12 @@ def test_busy_maps_to_resource_exhausted_in_the_client(demo_engine):
 def test_concurrent_diagnoses_do_not_share_state(demo_engine):
     x = digit(demo_engine.bundle)
     options = GaxOptions(3, 1e9, max_steps=10)
-    serial = [s.co_score for s in demo_engine.diagnose(x, options)]
+    shared = diagnoser(demo_engine)
+    serial = [s.co_score for s in shared.run(x, options)]
     results: list[list[float]] = []
 
     def run() -> None:
-        results.append([s.co_score for s in demo_engine.diagnose(x, options)])
+        results.append([s.co_score for s in shared.run(x, options)])
 
     threads = [threading.Thread(target=run) for _ in range(3)]
     for t in threads:

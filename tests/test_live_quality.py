@@ -38,7 +38,7 @@ def replicas(demo_engine, key_file) -> Iterator[tuple[RunningServer, RunningServ
 
 
 def _registry(server: RunningServer):
-    return server.server.axguard_metrics.registry
+    return server.metrics.registry
 
 
 def _feedback_count(server: RunningServer, calibration_id: str, outcome: str,

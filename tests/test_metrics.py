@@ -27,7 +27,7 @@ def server(demo_engine):
 
 
 def value(server, name: str, **labels: str) -> float:
-    registry = server.server.axguard_metrics.registry
+    registry = server.metrics.registry
     return registry.get_sample_value(name, labels) or 0.0
 
 
@@ -169,7 +169,7 @@ def test_real_prometheus_scrapes_the_flag_and_the_alert_expression_sees_it(
     from prometheus_client import start_http_server
 
     metrics_http, _ = start_http_server(0, "127.0.0.1",
-                                        registry=server.server.axguard_metrics.registry)
+                                        registry=server.metrics.registry)
     try:
         with running_prometheus([metrics_http.server_port], tmp_path) as prometheus, \
                 AxguardClient(server.target, timeout=60) as client:

@@ -169,7 +169,7 @@ def test_infer_tensor_with_parameters_and_requested_outputs(stub, demo_server, r
 
 
 def test_a_batch_of_16_runs_as_one_engine_batch(stub, demo_server, digits):
-    batcher = demo_server.server.axguard_servicer.batcher
+    batcher = demo_server.plane.batcher
     before = batcher.stats.largest_batch
     batcher.stats.largest_batch = 0
     try:
@@ -262,7 +262,7 @@ def test_drain_makes_server_ready_false_and_health_not_serving(demo_bundle):
             stub = oip_grpc.GRPCInferenceServiceStub(channel)
             assert stub.ServerReady(oip.ServerReadyRequest()).ready
             server.health.enter_graceful_shutdown()
-            server.server.axguard_servicer.draining = True
+            server.plane.draining = True
             assert not stub.ServerReady(oip.ServerReadyRequest()).ready
             assert not stub.ModelReady(oip.ModelReadyRequest(name=demo_bundle.name)).ready
             assert stub.ServerLive(oip.ServerLiveRequest()).live

@@ -151,7 +151,7 @@ def test_a_rotated_certificate_is_picked_up_without_restart(demo_engine, pki, tm
         write(tmp_path, "tls.crt", new_cert)
         assert works(server.target, tls_ca=new_ca)  # the next handshake uses the new pair
         assert not works(server.target, tls_ca=pki["ca_pem"])
-        assert server.server.axguard_certificates.reloads == 1
+        assert server.parts.certificates.reloads == 1
     finally:
         server.stop()
 
@@ -184,7 +184,7 @@ def test_bearer_tokens(demo_engine, tmp_path, caplog):
         assert works(server.target, token="s3cret-one")
         assert works(server.target, token="other-token")
         assert "s3cret" not in caplog.text and "wrong" not in caplog.text
-        registry = server.server.axguard_metrics.registry
+        registry = server.metrics.registry
         assert registry.get_sample_value("axguard_auth_refused_total",
                                          {"grpc_method": "Check"}) == 3
         assert registry.get_sample_value("axguard_grpc_requests_total", {

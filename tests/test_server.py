@@ -280,7 +280,8 @@ def test_not_serving_until_warm(demo_bundle):
     from axguard.server import build_server
 
     engine = Engine(demo_bundle)
-    server, port, _health = build_server(load_settings(server={"port": 0}), engine)
+    parts = build_server(load_settings(server={"port": 0}), engine)
+    server, port = parts.server, parts.port
     server.start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:

@@ -36,9 +36,9 @@ def test_ties_go_to_fewer_threads_and_candidates_cover_the_cores():
 def _serve(engine, **model):
     settings = load_settings(server={"host": "127.0.0.1", "port": 0},
                              model={"source": "demo", **model})
-    server, port, health = build_server(settings, engine)
-    start_serving(server, engine, health, settings)
-    return server, port
+    parts = build_server(settings, engine)
+    start_serving(parts, settings)
+    return parts, parts.port
 
 
 @pytest.mark.parametrize("configured", [None, 2])
@@ -47,7 +47,7 @@ def test_the_server_reports_the_threads_it_chose_and_why(demo_engine, configured
     try:
         with AxguardClient(f"127.0.0.1:{port}") as client:
             info = client.model_info()
-        registry = server.axguard_metrics.registry
+        registry = server.metrics.registry
         if configured:
             assert info.torch_threads == 2 and info.torch_threads_choice == "2 (configured)"
             source = "configured"
@@ -59,8 +59,8 @@ def test_the_server_reports_the_threads_it_chose_and_why(demo_engine, configured
         assert registry.get_sample_value("axguard_torch_threads", {
             "model": "digits-cnn", "source": source}) == info.torch_threads
     finally:
-        server.stop(None)
-        server.axguard_servicer.batcher.close()
+        server.server.stop(None)
+        server.plane.close()
 
 
 def test_the_container_cpu_limit_caps_the_usable_cores(tmp_path):

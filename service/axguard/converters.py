@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import threading
-from dataclasses import dataclass
 
 import torch
 
@@ -13,21 +11,11 @@ from .calibration.artifact import CalibrationArtifact
 from .engine import CheckItem, CheckResult, MethodScore, StageTiming, Verdict
 from .errors import InputTooLarge, InvalidInput
 from .model import ModelBundle
-from .preprocess import decode_image, tensor_from_bytes, tensor_to_bytes
+from .preprocess import InputLimits, decode_image, tensor_from_bytes, tensor_to_bytes
 from .v1 import confidence_pb2 as pb
 
 AX_PROCESS_BY_VALUE = {pb.AX_PROCESS_SUM: "sum", pb.AX_PROCESS_PRODUCT: "product"}
 AX_PROCESS_VALUE = {name: value for value, name in AX_PROCESS_BY_VALUE.items()}
-
-
-@dataclass(frozen=True)
-class InputLimits:
-    """Size limits applied while decoding a request."""
-
-    max_image_bytes: int
-    max_image_pixels: int
-    decodes: threading.BoundedSemaphore | None = None
-    """At most this many encoded images are decoded at once (the memory budget)."""
 
 
 def tensor_to_proto(tensor: torch.Tensor) -> pb.Tensor:

@@ -15,17 +15,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from . import attribution, evidence, gax, scoring
+from . import attribution, evidence, scoring
 from .calibration.artifact import CalibrationArtifact, check_matches
 from .errors import ConfigError, InvalidInput
-from .gax import GaxOptions, GaxStep
-from .model import ModelBundle, shared_copy
+from .model import ModelBundle
 from .sharedpass import SharedPass, finish_heatmap, rule_of
 from .verdict import Evidence, Family
 
@@ -33,8 +32,6 @@ log = logging.getLogger(__name__)
 
 AX_PROCESS_NAMES = tuple(scoring.AX_PROCESSES)
 DEFAULT_AX_PROCESSES = ("sum",)
-MAX_LEARNING_RATE = 10.0
-MAX_SIMILARITY_WEIGHT = 1e6
 """GAX option bounds: beyond them float32 overflows (3e38 streamed NaN) and nothing is
 gained (the paper uses lr 0.1 and weight 100)."""
 EXTRA_FORWARD_CHUNK = 256
@@ -203,7 +200,6 @@ class Engine:
         self._heatmap_fns: dict[str, attribution.HeatmapFn] = {}
         self._lock = threading.Lock()
         self.ready = False
-        self._gax_copy: torch.nn.Module | None = None
         self.captum_calls: dict[str, int] = {}
         """Images whose heatmap came from Captum itself, by method: DeepLift and Grad-CAM
         always, the shared-pass methods only where the shared path is off or impossible
@@ -547,61 +543,6 @@ class Engine:
             verdicts[i] = Verdict(True, w, r, threshold, calibration_id,
                                   dict(zip(names, values, strict=True)))
         return verdicts
-
-    def gax_options(
-        self, image: torch.Tensor, *, target_class: int | None, target_co: float | None,
-        max_steps: int, learning_rate: float, similarity_weight: float, step_cap: int,
-        fallback_target_co: float,
-    ) -> GaxOptions:
-        """Return validated GAX options with defaults filled in (see gax.py).
-
-        Defaults: the predicted class; the calibration's GAX target, else `fallback_target_co`.
-        """
-        self.resolve(CheckItem(image, self.default_methods[:1]))
-        if target_class is None:
-            target_class = int(self.predict(image[None]).argmax(dim=1)[0])
-        elif not 0 <= target_class < self.bundle.num_classes:
-            raise InvalidInput(
-                f"{target_class} is out of range [0, {self.bundle.num_classes - 1}]",
-                field="target_class")
-        if target_co is None:
-            target_co = (self.calibration.gax_target if self.calibration is not None
-                         else fallback_target_co)
-        if not np.isfinite(target_co):
-            raise InvalidInput("must be finite", field="target_co")
-        if not 1 <= max_steps <= step_cap:
-            raise InvalidInput(f"{max_steps} is outside [1, {step_cap}]", field="max_steps")
-        if not (np.isfinite(learning_rate) and 0 < learning_rate <= MAX_LEARNING_RATE):
-            raise InvalidInput(f"must be in (0, {MAX_LEARNING_RATE:g}]", field="learning_rate")
-        if not (np.isfinite(similarity_weight)
-                and 0 <= similarity_weight <= MAX_SIMILARITY_WEIGHT):
-            raise InvalidInput(f"must be in [0, {MAX_SIMILARITY_WEIGHT:g}]",
-                               field="similarity_weight")
-        return GaxOptions(target_class, float(target_co), max_steps, learning_rate,
-                          similarity_weight)
-
-    @property
-    def _gax_network(self) -> torch.nn.Module:
-        """A copy of the network (sharing its weights) that no hook ever touches, so GAX
-        needs no lock."""
-        if self._gax_copy is None:
-            with self._lock:
-                if self._gax_copy is None:
-                    self._gax_copy = (self.bundle.network if self.bundle.torchscript
-                                      else shared_copy(self.bundle.network))
-        return self._gax_copy
-
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Return logits (N, classes) of (N, C, H, W) pixels, without attribution."""
-        network = self._gax_network  # copied outside inference mode: GAX needs autograd on it
-        with torch.inference_mode():
-            return network(x.to(self.bundle.device)).float().cpu()
-
-    def diagnose(self, image: torch.Tensor, options: GaxOptions,
-                 should_stop: Callable[[], bool] = lambda: False) -> Iterator[GaxStep]:
-        """Yield the GAX steps for one (C, H, W) image (see gax.diagnose)."""
-        yield from gax.diagnose(self._gax_network, image.to(self.bundle.device), options,
-                                should_stop=should_stop)
 
     def warm_up(self, *, ready: bool = True) -> CheckResult:
         """Run one check with the default methods on a mid-grey image and return it; then

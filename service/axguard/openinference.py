@@ -31,6 +31,7 @@ import torch
 
 from . import __version__, attribution, scoring
 from .converters import image_from_encoded
+from .dataplane import DataPlane
 from .engine import DEFAULT_AX_PROCESSES, CheckItem, CheckResult
 from .errors import InputTooLarge, InvalidInput, NotFound
 from .oip import open_inference_grpc_pb2 as oip
@@ -257,12 +258,12 @@ def add_output(response: Any, name: str, values: np.ndarray, raw: bool) -> Any:
 
 
 class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
-    """inference.GRPCInferenceService over the ConfidenceServicer's engine, batcher,
-    limits, metrics and receipts (one queue and one set of counters for both APIs)."""
+    """inference.GRPCInferenceService over the data plane that axguard.v1 uses too (one
+    queue, one set of counters and receipts for both APIs)."""
 
-    def __init__(self, confidence: Any) -> None:
-        self.confidence = confidence
-        self.engine = confidence.engine
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+        self.engine = plane.engine
 
     def _model(self, name: str, version: str, prefix: str = "") -> None:
         """Raise NotFound unless (name, version) is the served model ("" = any version)."""
@@ -274,10 +275,6 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             raise NotFound(f"version {version!r} of {name!r} is not served; served: "
                            f"{bundle.version!r}", field=f"{prefix}version")
 
-    def ready(self) -> bool:
-        """Warmed up and not draining: what grpc.health.v1 reports as SERVING."""
-        return self.engine.ready and not self.confidence.draining
-
     @rpc_method
     def ServerLive(self, request: Any, context: grpc.ServicerContext,  # noqa: N802
                    request_id: str) -> Any:
@@ -286,13 +283,13 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     @rpc_method
     def ServerReady(self, request: Any, context: grpc.ServicerContext,  # noqa: N802
                     request_id: str) -> Any:
-        return oip.ServerReadyResponse(ready=self.ready())
+        return oip.ServerReadyResponse(ready=self.plane.ready)
 
     @rpc_method
     def ModelReady(self, request: Any, context: grpc.ServicerContext,  # noqa: N802
                    request_id: str) -> Any:
         self._model(request.name, request.version)
-        return oip.ModelReadyResponse(ready=self.ready())
+        return oip.ModelReadyResponse(ready=self.plane.ready)
 
     @rpc_method
     def ServerMetadata(self, request: Any, context: grpc.ServicerContext,  # noqa: N802
@@ -334,30 +331,24 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     def ModelInfer(self, request: Any, context: grpc.ServicerContext,  # noqa: N802
                    request_id: str) -> Any:
         start = time.perf_counter()
-        confidence = self.confidence
-        confidence._ensure_ready()
+        plane = self.plane
+        plane.ensure_ready()
         self._model(request.model_name, request.model_version, "model_")
         options = parse_options(request.parameters)
         names = requested_outputs(request, options)
         announced = 1
         if len(request.inputs) == 1 and request.inputs[0].shape:
-            announced = min(max(1, int(request.inputs[0].shape[0])),
-                            confidence.max_batch_items)
-        with confidence.batcher.arriving(announced) as arrival:
-            images = input_images(request, self.engine.bundle, confidence.limits,
-                                  confidence.max_batch_items)
+            announced = min(max(1, int(request.inputs[0].shape[0])), plane.max_batch_items)
+        with plane.arriving(announced) as arrival:
+            images = input_images(request, self.engine.bundle, plane.limits,
+                                  plane.max_batch_items)
             items = [self._resolve(CheckItem(image, methods=options.methods,
                                              ax_processes=options.ax_processes,
                                              prediction_only=options.prediction_only))
                      for image in images]
-            results = confidence.batcher.check(items, timeout=context.time_remaining(),
-                                               arrival=arrival)
-        total = time.perf_counter() - start
-        for result in results:
-            confidence.metrics.observe_check(result, result.timing.queue_ms, total)
-        receipts = (confidence.live.observe(results, [f"{request_id}-{i}"
-                                                      for i in range(len(results))])
-                    if not options.prediction_only else [""] * len(results))
+            results, receipts = plane.check(
+                items, [f"{request_id}-{i}" for i in range(len(items))],
+                timeout=context.time_remaining(), arrival=arrival, started=start)
         bundle = self.engine.bundle
         response = oip.ModelInferResponse(model_name=bundle.name, model_version=bundle.version,
                                           id=request.id)
@@ -377,15 +368,15 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     def _resolve(self, item: CheckItem) -> CheckItem:
         """engine.resolve, with the request's field names in its errors."""
         try:
-            return self.engine.resolve(item)
+            return self.plane.resolve(item)
         except InvalidInput as err:
             err.field = (f"parameters.{err.field}" if err.field in ("methods", "ax_processes")
                          else f"inputs[0].{err.field}")
             raise
 
 
-def add_to_server(confidence: Any, server: grpc.Server) -> InferenceServicer:
+def add_to_server(plane: DataPlane, server: grpc.Server) -> InferenceServicer:
     """Serve inference.GRPCInferenceService on `server` next to axguard.v1."""
-    servicer = InferenceServicer(confidence)
+    servicer = InferenceServicer(plane)
     oip_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     return servicer

@@ -14,7 +14,9 @@ import contextlib
 import ctypes
 import io
 import math
+import threading
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,6 +35,16 @@ MESSAGE_COPIES = 3
 message, the bytes handed to the decoder)."""
 LARGE_DECODE_PIXELS = 4_000_000
 """Above this, freed decoder memory is handed back to the OS at once (malloc_trim)."""
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """Size limits applied while decoding a request."""
+
+    max_image_bytes: int
+    max_image_pixels: int
+    decodes: threading.BoundedSemaphore | None = None
+    """At most this many encoded images are decoded at once (the memory budget)."""
 
 
 def decode_plan(budget_bytes: int, max_workers: int, max_image_bytes: int
