@@ -124,7 +124,7 @@ def throughput(bundle, batches: list[int], repeats: int) -> list[dict]:
         sync = torch.cuda.synchronize
         t_plain = timed(plain, repeats, sync=sync)
         t_naive = timed(lambda xd=xd: naive_check(bundle.network, xd), repeats, sync=sync)
-        t_check = timed(lambda items=items: engine.check(items, resolved=True), repeats,
+        t_check = timed(lambda items=items: engine.check(items), repeats,
                         sync=sync)
         rows.append({"model": bundle.name, "batch": n, "plain_ips": n / t_plain,
                      "naive_ips": n / t_naive, "check_ips": n / t_check,

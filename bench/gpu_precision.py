@@ -69,7 +69,7 @@ class CudaGraphAxEngine(Engine):
 
 
 def scores(engine: Engine, items: list[CheckItem]) -> torch.Tensor:
-    results = engine.check(items, resolved=True)
+    results = engine.check(items)
     return torch.tensor([[s.score for s in r.scores] for r in results])
 
 
@@ -83,7 +83,7 @@ def measure(bundle, n: int = 32, repeats: int = 10) -> list[dict]:
     variants = {"fp32": base_engine, "bf16 AX forward": Bf16AxEngine(bundle),
                 "CUDA graph AX forward": CudaGraphAxEngine(bundle)}
     for name, engine in variants.items():
-        t = timed(lambda e=engine: e.check(items, resolved=True), repeats,
+        t = timed(lambda e=engine: e.check(items), repeats,
                   sync=torch.cuda.synchronize)
         diff = float((scores(engine, items) - base).abs().max())
         rows.append({"model": bundle.name, "variant": name, "images_per_s": n / t,
@@ -93,7 +93,7 @@ def measure(bundle, n: int = 32, repeats: int = 10) -> list[dict]:
     # copies share them), so activations follow in NHWC.
     bundle.network.to(memory_format=torch.channels_last)
     engine = Engine(bundle)
-    t = timed(lambda: engine.check(items, resolved=True), repeats, sync=torch.cuda.synchronize)
+    t = timed(lambda: engine.check(items), repeats, sync=torch.cuda.synchronize)
     diff = float((scores(engine, items) - base).abs().max())
     rows.append({"model": bundle.name, "variant": "channels_last", "images_per_s": n / t,
                  "co_max_abs_diff": diff, "co_diff_over_std": diff / spread})

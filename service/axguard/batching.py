@@ -169,7 +169,7 @@ class DynamicBatcher:
         started = time.perf_counter()
         self.in_flight = len(live)
         try:
-            results = self.engine.check([j.item for j in live], resolved=True)
+            results = self.engine.check([j.item for j in live])
         except BaseException as err:  # noqa: BLE001  (handed to every waiting caller)
             self.in_flight = 0
             self.stats.failed_batches += 1

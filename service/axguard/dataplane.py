@@ -20,14 +20,13 @@ import torch
 
 from .batching import Arrival, DynamicBatcher
 from .config import Settings
-from .converters import InputLimits
 from .diagnoser import Diagnoser
 from .engine import CheckItem, CheckResult, Engine
 from .errors import ConfigError, DeadlineExceeded, InvalidInput, NotReady
 from .gax import GaxOptions, GaxStep
 from .live import LabelOutcome, LiveQuality
 from .metrics import Metrics
-from .preprocess import decode_plan
+from .preprocess import InputLimits, decode_plan
 from .threads import ThreadChoice
 
 log = logging.getLogger("axguard.server")

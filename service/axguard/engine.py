@@ -101,6 +101,11 @@ class StageTiming:
     batch_size: int = 1
 
 
+class ResolvedItem(CheckItem):
+    """A CheckItem that `Engine.resolve` validated and completed (methods, processes): the
+    engine trusts it and does not validate it again."""
+
+
 @dataclass
 class CheckResult:
     """The engine's answer for one image."""
@@ -174,6 +179,52 @@ def _take(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
     return x[rows]
 
 
+@dataclass
+class _BatchPlan:
+    """Which rows of a batch need what (the first stage of a check)."""
+
+    plan: EvidencePlan
+    """The verdict's evidence (empty when no row is judged)."""
+    judged: list[int]
+    """Rows that get a verdict (not prediction-only)."""
+    own_rows: dict[str, list[int]]
+    """Method → rows that need its heatmap of the predicted class."""
+    pair_rows: dict[tuple[str, str], list[int]]
+    """(method, process) → rows that need its CO score."""
+
+
+def plan_batch(requested: Sequence[CheckItem], plan: EvidencePlan) -> _BatchPlan:
+    """Return which rows need which heatmaps and scores: what each item asked for plus
+    what the verdict needs."""
+    judged = [i for i, item in enumerate(requested) if not item.prediction_only]
+    if not judged:
+        plan = EvidencePlan()
+    own_rows: dict[str, list[int]] = {}
+    pair_rows: dict[tuple[str, str], list[int]] = {}
+    for i, item in enumerate(requested):
+        extra = [] if item.prediction_only else list(plan.co_pairs)
+        pairs = list(dict.fromkeys((*item.asked_pairs(), *extra)))
+        for method in dict.fromkeys(m for m, _ in pairs):
+            own_rows.setdefault(method, []).append(i)
+        for pair in pairs:
+            pair_rows.setdefault(pair, []).append(i)
+    for method in plan.counterfactual:
+        own_rows[method] = sorted(set(own_rows.get(method, [])) | set(judged))
+    return _BatchPlan(plan, judged, own_rows, pair_rows)
+
+
+@dataclass
+class _Forward:
+    """The batch's forward pass: the recorded graph (None when no backward pass needs
+    it; dropped after the backward passes), float logits, top two classes."""
+
+    leaf: torch.Tensor | None
+    graph_logits: torch.Tensor | None
+    logits: torch.Tensor
+    predicted: torch.Tensor
+    runner_up: torch.Tensor
+
+
 class Engine:
     """Runs confidence checks on one model bundle; safe to call from many threads.
 
@@ -237,12 +288,15 @@ class Engine:
             self._views[text] = evidence.parse_view(text)
         return self._views[text]
 
-    def resolve(self, item: CheckItem) -> CheckItem:
-        """Return the item with defaults filled in and every option validated.
+    def resolve(self, item: CheckItem) -> ResolvedItem:
+        """Return the item with defaults filled in and every option validated (an item
+        resolved before is returned as it is).
 
         Raises InvalidInput naming the field: image shape or values, unknown or unavailable
         method, unknown AX process, label out of range.
         """
+        if isinstance(item, ResolvedItem):
+            return item
         spec = self.bundle.spec
         image = item.image
         if tuple(image.shape) != spec.shape:
@@ -256,9 +310,9 @@ class Engine:
                 field="label",
             )
         if item.prediction_only:
-            return CheckItem(image, (), (), item.label, False, True)
+            return ResolvedItem(image, (), (), item.label, False, True)
         if item.verdict_only:
-            return CheckItem(image, (), (), item.label, False, False, True)
+            return ResolvedItem(image, (), (), item.label, False, False, True)
         pairs = tuple(dict.fromkeys(item.pairs))
         methods = (tuple(dict.fromkeys(m for m, _ in pairs)) or tuple(dict.fromkeys(item.methods))
                    or self.default_methods)
@@ -272,24 +326,22 @@ class Engine:
                     f"unknown AX process {process!r}; valid: {', '.join(AX_PROCESS_NAMES)}",
                     field="ax_processes",
                 )
-        return CheckItem(image, methods, processes, item.label, item.return_heatmaps,
-                         pairs=pairs)
+        return ResolvedItem(image, methods, processes, item.label, item.return_heatmaps,
+                            pairs=pairs)
 
-    def check(self, items: Sequence[CheckItem], *, resolved: bool = False
-              ) -> list[CheckResult]:
-        """Return one CheckResult per item, in order. Items are validated first (resolve),
-        unless `resolved` says they came from `resolve` already (the batcher's items)."""
-        return self.check_with_evidence(items, resolved=resolved)[0]
+    def check(self, items: Sequence[CheckItem]) -> list[CheckResult]:
+        """Return one CheckResult per item, in order. Items not resolved yet (ResolvedItem)
+        are validated first."""
+        return self.check_with_evidence(items)[0]
 
     def check_with_evidence(self, items: Sequence[CheckItem],
-                            plan: EvidencePlan | None = None, *, resolved: bool = False
+                            plan: EvidencePlan | None = None
                             ) -> tuple[list[CheckResult], Evidence | None]:
         """Return the results and the raw evidence of the items that are not
         prediction-only (in order), computed for `plan` (default: the verdict's)."""
         if not items:
             return [], None
-        if not resolved:
-            items = [self.resolve(item) for item in items]
+        items = [self.resolve(item) for item in items]  # resolved items pass as they are
         with self._lock:
             return self._check_locked(list(items), plan or self.plan)
 
@@ -298,134 +350,141 @@ class Engine:
 
     def _check_locked(self, requested: list[CheckItem], plan: EvidencePlan
                       ) -> tuple[list[CheckResult], Evidence | None]:
-        bundle = self.bundle
-        count = len(requested)
-        x = torch.stack([item.image for item in requested]).to(bundle.device, torch.float32)
-        judged = [i for i, item in enumerate(requested) if not item.prediction_only]
-        if not judged:
-            plan = EvidencePlan()
-        # Each item's (method, process) pairs: what it asked for plus what the verdict needs.
-        pairs_of: list[list[tuple[str, str]]] = []
-        for item in requested:
-            asked = item.asked_pairs()
-            extra = [] if item.prediction_only else list(plan.co_pairs)
-            pairs_of.append(list(dict.fromkeys((*asked, *extra))))
-        own_rows: dict[str, list[int]] = {}
-        for i, pairs in enumerate(pairs_of):
-            for method in dict.fromkeys(m for m, _ in pairs):
-                own_rows.setdefault(method, []).append(i)
-        for method in plan.counterfactual:
-            own_rows[method] = sorted(set(own_rows.get(method, [])) | set(judged))
-
+        """One batch: plan → forward → heatmaps → AX forward → scores → verdict."""
+        x = torch.stack([item.image for item in requested]).to(self.bundle.device,
+                                                                 torch.float32)
+        batch = plan_batch(requested, plan)
         start = time.perf_counter()
+        fwd = self._forward(x, batch)
+        after_forward = time.perf_counter()
+        own, second, plain = self._backward(x, fwd.leaf, fwd.graph_logits, fwd.logits,
+                                            fwd.predicted, fwd.runner_up, batch.own_rows,
+                                            batch.plan, batch.judged)
+        fwd.leaf = fwd.graph_logits = None  # free the graph before the extra forwards
+        after_attribution = time.perf_counter()
+        extra = self._extra_forward(x, batch, own, second, plain)
+        scores, co = self._scores(requested, batch, own, extra, fwd)
+        batch_evidence = self._evidence(batch, fwd, plain, extra, co, len(requested))
+        verdicts = self._verdicts(len(requested), batch.judged, batch_evidence)
+        timing = StageTiming(forward_ms=(after_forward - start) * 1e3,
+                             attribution_ms=(after_attribution - after_forward) * 1e3,
+                             ax_ms=(time.perf_counter() - after_attribution) * 1e3,
+                             batch_size=len(requested))
+        return self._results(requested, fwd, own, scores, verdicts, timing), batch_evidence
+
+    def _forward(self, x: torch.Tensor, batch: _BatchPlan) -> _Forward:
+        """The batch's one forward: recorded when any backward pass will need it."""
+        plan = batch.plan
         needs_graph = (plan.boundary or bool(plan.epsilons) or bool(plan.counterfactual)
-                       or any(self._use_shared(m) for m in own_rows))
+                       or any(self._use_shared(m) for m in batch.own_rows))
+        leaf = graph_logits = None
         if needs_graph:
             leaf, graph_logits = self._pass.forward(x)
             logits = graph_logits.detach().float()
         else:
             with torch.inference_mode():
-                logits = bundle.network(x).float()
+                logits = self.bundle.network(x).float()
         predicted, runner_up = evidence.top_two(logits)
-        probabilities = torch.softmax(logits, dim=1)
-        after_forward = time.perf_counter()
+        return _Forward(leaf, graph_logits, logits, predicted, runner_up)
 
-        own, second, plain = self._backward(
-            x, leaf if needs_graph else None, graph_logits if needs_graph else None,
-            logits, predicted, runner_up, own_rows, plan, judged)
-        if needs_graph:
-            del leaf, graph_logits  # free the graph before the extra forwards
-        after_attribution = time.perf_counter()
-
-        # Every extra input in one batched forward (chunked to bound memory).
-        chunks: list[tuple[object, list[int], torch.Tensor]] = []
-        pair_rows: dict[tuple[str, str], list[int]] = {}
-        for i, pairs in enumerate(pairs_of):
-            for pair in pairs:
-                pair_rows.setdefault(pair, []).append(i)
-        for (method, process), rows in pair_rows.items():
+    def _extra_forward(self, x: torch.Tensor, batch: _BatchPlan, own: dict[str, _Heatmaps],
+                       second: dict[str, torch.Tensor], plain: dict[str, torch.Tensor]
+                       ) -> dict[tuple, torch.Tensor]:
+        """Every extra input (AX inputs, counterfactuals, perturbations, views) through one
+        batched forward (chunked to bound memory); returns logits by input key."""
+        plan, judged = batch.plan, batch.judged
+        chunks: list[tuple[tuple, torch.Tensor]] = []
+        for (method, process), rows in batch.pair_rows.items():
             h, _ = own[method].of(rows)
-            chunks.append((("ax", method, process), rows,
+            chunks.append((("ax", method, process),
                            scoring.AX_PROCESSES[process](_take(x, rows), h)))
         x_judged = _take(x, judged)
         for method in plan.counterfactual:
             h_own, _ = own[method].of(judged)
-            chunks.append((("runner_up", method), judged, x_judged + second[method]))
-            chunks.append((("own_removed", method), judged, x_judged - h_own))
+            chunks.append((("runner_up", method), x_judged + second[method]))
+            chunks.append((("own_removed", method), x_judged - h_own))
         for epsilon in plan.epsilons:
-            chunks.append((("perturbed", epsilon), judged,
+            chunks.append((("perturbed", epsilon),
                            evidence.perturb(x_judged, _take(plain["nll"], judged), epsilon)))
         for text in plan.views:
-            chunks.append((("view", text), judged, self._view(text).transform(x_judged)))
-        outputs = self._forward_chunks([c[2] for c in chunks])
-        extra = {key: out for (key, _, _), out in zip(chunks, outputs, strict=True)}
+            chunks.append((("view", text), self._view(text).transform(x_judged)))
+        outputs = self._forward_chunks([c[1] for c in chunks])
+        return {key: out for (key, _), out in zip(chunks, outputs, strict=True)}
 
-        scores: list[list[MethodScore]] = [[] for _ in range(count)]
+    def _scores(self, requested: list[CheckItem], batch: _BatchPlan,
+                own: dict[str, _Heatmaps], extra: dict[tuple, torch.Tensor], fwd: _Forward
+                ) -> tuple[list[list[MethodScore]], dict[tuple[str, str], np.ndarray]]:
+        """Each item's CO scores in the order it asked for them, and the verdict's CO
+        features of the judged rows."""
+        num_classes = self.bundle.num_classes
+        scores: list[list[MethodScore]] = [[] for _ in requested]
         labels = [item.label for item in requested]
         co: dict[tuple[str, str], np.ndarray] = {}
-        for (method, process), rows in pair_rows.items():
+        for (method, process), rows in batch.pair_rows.items():
             _, zero = own[method].of(rows)
-            chunk, base = extra[("ax", method, process)], _take(logits, rows)
-            free = scoring.co_score(chunk, base, scoring.kappa(_take(predicted, rows),
-                                                               bundle.num_classes))
+            chunk, base = extra[("ax", method, process)], _take(fwd.logits, rows)
+            free = scoring.co_score(chunk, base, scoring.kappa(_take(fwd.predicted, rows),
+                                                               num_classes))
             # An all-zero heatmap scores 0 by definition (DESIGN 1.3), even for PRODUCT.
             free = torch.where(zero, torch.zeros_like(free), free)
             labelled: torch.Tensor | None = None
             if any(labels[i] is not None for i in rows):
-                targets = torch.tensor(
-                    [labels[i] if labels[i] is not None else 0 for i in rows], device=x.device)
-                labelled = scoring.co_score(chunk, base,
-                                            scoring.kappa(targets, bundle.num_classes))
+                targets = torch.tensor([labels[i] if labels[i] is not None else 0
+                                        for i in rows], device=chunk.device)
+                labelled = scoring.co_score(chunk, base, scoring.kappa(targets, num_classes))
                 labelled = torch.where(zero, torch.zeros_like(labelled), labelled)
             # One device-to-host copy per tensor, not one per row.
             free_cpu = free.cpu()
             free_rows, zero_rows = free_cpu.tolist(), zero.cpu().tolist()
             labelled_rows = labelled.cpu().tolist() if labelled is not None else None
-            if (method, process) in plan.co_pairs:
-                co[(method, process)] = free_cpu.numpy()[[rows.index(i) for i in judged]]
+            if (method, process) in batch.plan.co_pairs:
+                co[(method, process)] = free_cpu.numpy()[[rows.index(i) for i in batch.judged]]
             for k, i in enumerate(rows):
                 scores[i].append(MethodScore(
                     method=method, ax_process=process, score=free_rows[k],
                     labelled_score=(labelled_rows[k] if labelled_rows is not None
                                     and labels[i] is not None else None),
                     zero_heatmap=zero_rows[k]))
-
-        batch_evidence = None
-        if judged:
-            rows = judged if len(judged) < count else slice(None)  # no copy when all are
-            batch_evidence = Evidence(
-                logits=logits[rows].cpu().double().numpy(),
-                margin_gradient_norm=(evidence.gradient_norms(_take(plain["margin"], judged))
-                                      .cpu().double().numpy() if plan.boundary else None),
-                runner_up_logits={m: extra[("runner_up", m)].cpu().double().numpy()
-                                  for m in plan.counterfactual},
-                own_removed_logits={m: extra[("own_removed", m)].cpu().double().numpy()
-                                    for m in plan.counterfactual},
-                perturbed_logits={e: extra[("perturbed", e)].cpu().double().numpy()
-                                  for e in plan.epsilons},
-                view_logits=(torch.stack([extra[("view", v)] for v in plan.views])
-                             .cpu().double().numpy() if plan.views else None),
-                co=co,
-            )
-        verdicts = self._verdicts(count, judged, batch_evidence)
         # Each item lists the scores it asked for, in the order it asked for them.
         for i, item in enumerate(requested):
-            if not scores[i]:
-                continue
-            order = {pair: k for k, pair in enumerate(item.asked_pairs())}
-            scores[i] = sorted((s for s in scores[i] if (s.method, s.ax_process) in order),
-                               key=lambda s, o=order: o[(s.method, s.ax_process)])
-        end = time.perf_counter()
+            if scores[i]:
+                order = {pair: k for k, pair in enumerate(item.asked_pairs())}
+                scores[i] = sorted((s for s in scores[i] if (s.method, s.ax_process) in order),
+                                   key=lambda s, o=order: o[(s.method, s.ax_process)])
+        return scores, co
 
-        timing = StageTiming(
-            forward_ms=(after_forward - start) * 1e3,
-            attribution_ms=(after_attribution - after_forward) * 1e3,
-            ax_ms=(end - after_attribution) * 1e3,
-            batch_size=count,
+    @staticmethod
+    def _evidence(batch: _BatchPlan, fwd: _Forward, plain: dict[str, torch.Tensor],
+                  extra: dict[tuple, torch.Tensor], co: dict[tuple[str, str], np.ndarray],
+                  count: int) -> Evidence | None:
+        """The verdict's raw evidence for the judged rows (None when there are none)."""
+        judged, plan = batch.judged, batch.plan
+        if not judged:
+            return None
+        rows = judged if len(judged) < count else slice(None)  # no copy when all are
+        return Evidence(
+            logits=fwd.logits[rows].cpu().double().numpy(),
+            margin_gradient_norm=(evidence.gradient_norms(_take(plain["margin"], judged))
+                                  .cpu().double().numpy() if plan.boundary else None),
+            runner_up_logits={m: extra[("runner_up", m)].cpu().double().numpy()
+                              for m in plan.counterfactual},
+            own_removed_logits={m: extra[("own_removed", m)].cpu().double().numpy()
+                                for m in plan.counterfactual},
+            perturbed_logits={e: extra[("perturbed", e)].cpu().double().numpy()
+                              for e in plan.epsilons},
+            view_logits=(torch.stack([extra[("view", v)] for v in plan.views])
+                         .cpu().double().numpy() if plan.views else None),
+            co=co,
         )
+
+    def _results(self, requested: list[CheckItem], fwd: _Forward, own: dict[str, _Heatmaps],
+                 scores: list[list[MethodScore]], verdicts: list[Verdict],
+                 timing: StageTiming) -> list[CheckResult]:
+        """One CheckResult per item (host copies made once per tensor)."""
+        probabilities = torch.softmax(fwd.logits, dim=1)
+        logits_rows, probs_rows = fwd.logits.cpu().tolist(), probabilities.cpu().tolist()
+        classes = fwd.predicted.cpu().tolist()
         results = []
-        logits_rows, probs_rows = logits.cpu().tolist(), probabilities.cpu().tolist()
-        classes = predicted.cpu().tolist()
         for i, item in enumerate(requested):
             cls = classes[i]
             maps = {}
@@ -434,7 +493,7 @@ class Engine:
                     maps[name] = own[name].of([i])[0][0].cpu()
             results.append(CheckResult(
                 class_index=cls,
-                class_name=bundle.class_names[cls],
+                class_name=self.bundle.class_names[cls],
                 probability=probs_rows[i][cls],
                 logits=logits_rows[i],
                 probabilities=probs_rows[i],
@@ -443,9 +502,9 @@ class Engine:
                 verdict=verdicts[i],
                 # Each result gets its own copy: the batcher adds its queue time.
                 timing=StageTiming(timing.forward_ms, timing.attribution_ms, timing.ax_ms,
-                                   0.0, count),
+                                   0.0, timing.batch_size),
             ))
-        return results, batch_evidence
+        return results
 
     def _backward(self, x: torch.Tensor, leaf: torch.Tensor | None,
                   graph_logits: torch.Tensor | None, logits: torch.Tensor,
