@@ -151,6 +151,25 @@ def test_registry_refuses_duplicates_and_names_valid_choices():
         attribution.get_method("occlusion")
 
 
+def test_registry_and_proto_enum_name_the_same_methods():
+    # The converters map names to axguard.v1.AttributionMethod by the enum's names; a
+    # method added to one side only would be unreachable or unknown.
+    from axguard.converters import method_name, method_value
+    from axguard.errors import InvalidInput
+    from axguard.v1 import confidence_pb2 as pb
+
+    registered = [m.name for m in attribution.list_methods()]
+    enum = [v.name.removeprefix("ATTRIBUTION_METHOD_").lower()
+            for v in pb.AttributionMethod.DESCRIPTOR.values if v.number != 0]
+    assert registered == enum
+    for name in registered:
+        assert method_name(method_value(name)) == name
+    with pytest.raises(InvalidInput, match="unknown attribution method value 99"):
+        method_name(99)
+    assert attribution.shared_methods() == ("saliency", "deconvolution", "input_x_gradient",
+                                            "guided_backprop")
+
+
 def test_torchscript_offers_only_gradient_methods(demo_bundle, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch 2.14 deprecates scripting

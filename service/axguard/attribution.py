@@ -1,4 +1,8 @@
-"""Attribution methods: a registry from name to a function (inputs, targets) → heatmaps.
+"""Attribution methods: one registry from name to everything about a method — how to build
+its heatmap function (inputs, targets) → heatmaps, whether it runs on TorchScript, and the
+backward rule that gives it from the shared pass (sharedpass.py). Names are the only key:
+the converters map them to the proto enum by name (ATTRIBUTION_METHOD_<NAME>), as the
+client does. Validation happens at the edges through `require`.
 
 Every method is Captum's, computed for the given target class (the predicted class in
 axguard), in pixel space: inputs (N, C, H, W) float32 in [0, 1] → heatmaps of the same shape.
@@ -38,32 +42,33 @@ class MethodSpec:
 
     name: str
     """Short name, also the key of returned heatmaps ("saliency")."""
-    proto_value: int
-    """The value of axguard.v1.AttributionMethod."""
     build: Callable[[ModelBundle], HeatmapFn]
     """Returns the heatmap function for a bundle."""
     uses_hooks: bool
     """True when it hooks (and so temporarily changes) the model's modules."""
     works_on_torchscript: bool
     """True for pure gradient methods, which need no hooks."""
+    backward_rule: str | None = None
+    """How a ReLU passes gradients back for this method in the shared pass ("plain",
+    "deconvolution", "guided"); None: only Captum computes it."""
+    times_input: bool = False
+    """The heatmap is the rule's gradient times the input (InputXGradient)."""
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
 def register_method(spec: MethodSpec) -> MethodSpec:
-    """Add a method to the registry; refuses duplicate names or proto values."""
+    """Add a method to the registry; refuses duplicate names."""
     if spec.name in _REGISTRY:
         raise ValueError(f"method {spec.name!r} is already registered")
-    if any(m.proto_value == spec.proto_value for m in _REGISTRY.values()):
-        raise ValueError(f"proto value {spec.proto_value} is already registered")
     _REGISTRY[spec.name] = spec
     return spec
 
 
 def list_methods() -> list[MethodSpec]:
-    """Return every registered method, ordered by proto value."""
-    return sorted(_REGISTRY.values(), key=lambda m: m.proto_value)
+    """Return every registered method, in registration order."""
+    return list(_REGISTRY.values())
 
 
 def get_method(name: str) -> MethodSpec:
@@ -76,17 +81,24 @@ def get_method(name: str) -> MethodSpec:
                             field="methods") from None
 
 
-def method_by_proto_value(value: int) -> MethodSpec:
-    """Return the method with this axguard.v1.AttributionMethod value."""
-    for spec in _REGISTRY.values():
-        if spec.proto_value == value:
-            return spec
-    raise UnknownMethod(f"unknown attribution method value {value}", field="methods")
-
-
 def available_methods(bundle: ModelBundle) -> list[MethodSpec]:
     """Return the methods this bundle supports (gradient methods only for TorchScript)."""
     return [m for m in list_methods() if m.works_on_torchscript or not bundle.torchscript]
+
+
+def shared_methods() -> tuple[str, ...]:
+    """Names of the methods the shared pass computes (those with a backward rule)."""
+    return tuple(m.name for m in list_methods() if m.backward_rule is not None)
+
+
+def require(name: str, bundle: ModelBundle | None = None) -> MethodSpec:
+    """Return the method called `name`, checked to run on `bundle` when given: the one
+    validation of a method name (settings, requests, the CLI). UnknownMethod lists the
+    valid names."""
+    spec = get_method(name)
+    if bundle is not None:
+        check_available(spec, bundle)
+    return spec
 
 
 def check_available(spec: MethodSpec, bundle: ModelBundle) -> None:
@@ -154,16 +166,17 @@ def _build_grad_cam(bundle: ModelBundle) -> HeatmapFn:
     return heatmaps
 
 
-# proto values follow axguard.v1.AttributionMethod.
-SALIENCY = register_method(MethodSpec("saliency", 1, _captum(Saliency, abs=False), False, True))
-DECONVOLUTION = register_method(MethodSpec("deconvolution", 2, _captum(Deconvolution), True, False))
-INPUT_X_GRADIENT = register_method(
-    MethodSpec("input_x_gradient", 3, _captum(InputXGradient), False, True)
-)
-GUIDED_BACKPROP = register_method(
-    MethodSpec("guided_backprop", 4, _captum(GuidedBackprop), True, False)
-)
-DEEP_LIFT = register_method(MethodSpec("deep_lift", 5, _captum(DeepLift), True, False))
-LAYER_GRAD_CAM = register_method(MethodSpec("layer_grad_cam", 6, _build_grad_cam, False, False))
+# In the order of axguard.v1.AttributionMethod (ATTRIBUTION_METHOD_<NAME>).
+SALIENCY = register_method(MethodSpec("saliency", _captum(Saliency, abs=False), False, True,
+                                      backward_rule="plain"))
+DECONVOLUTION = register_method(MethodSpec("deconvolution", _captum(Deconvolution), True, False,
+                                           backward_rule="deconvolution"))
+INPUT_X_GRADIENT = register_method(MethodSpec("input_x_gradient", _captum(InputXGradient),
+                                              False, True, backward_rule="plain",
+                                              times_input=True))
+GUIDED_BACKPROP = register_method(MethodSpec("guided_backprop", _captum(GuidedBackprop), True,
+                                             False, backward_rule="guided"))
+DEEP_LIFT = register_method(MethodSpec("deep_lift", _captum(DeepLift), True, False))
+LAYER_GRAD_CAM = register_method(MethodSpec("layer_grad_cam", _build_grad_cam, False, False))
 
 DEFAULT_METHODS = ("saliency", "deconvolution")

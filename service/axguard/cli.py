@@ -203,10 +203,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def parse_pairs(value: str) -> list[tuple[str, str]]:
     """Return (method, process) pairs for --methods: default, all, or m:p,m:p."""
-    from .attribution import get_method
+    from .attribution import require
     from .calibration.calibrate import DEFAULT_PAIRS, all_pairs
-    from .errors import InvalidInput
-    from .scoring import AX_PROCESSES
+    from .scoring import require_process
 
     if value == "default":
         return list(DEFAULT_PAIRS)
@@ -215,11 +214,8 @@ def parse_pairs(value: str) -> list[tuple[str, str]]:
     pairs = []
     for token in _split_methods(value):
         method, _, process = token.partition(":")
-        get_method(method)
-        if (process or "sum") not in AX_PROCESSES:
-            raise InvalidInput(f"unknown AX process {process!r} in {token!r}; valid: "
-                               f"{', '.join(AX_PROCESSES)}", field="methods")
-        pairs.append((method, process or "sum"))
+        require(method)
+        pairs.append((method, require_process(process or "sum", field="methods")))
     return pairs
 
 

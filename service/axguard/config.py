@@ -18,7 +18,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from .attribution import DEFAULT_METHODS, get_method
+from .attribution import DEFAULT_METHODS, require
 from .errors import UnknownMethod
 
 
@@ -86,7 +86,7 @@ class AttributionSettings(BaseModel):
     def _known(cls, value: list[str]) -> list[str]:
         for name in value:
             try:
-                get_method(name)
+                require(name)
             except UnknownMethod as err:
                 raise ValueError(str(err)) from None
         return value

@@ -33,23 +33,30 @@ def tensor_from_proto(message: pb.Tensor) -> torch.Tensor:
     return torch.from_numpy(values.astype(np.float32))
 
 
+METHOD_PREFIX = "ATTRIBUTION_METHOD_"
+
+
+def method_name(value: int, field: str = "methods") -> str:
+    """Return the registered method name of an AttributionMethod value (by the enum's
+    name: ATTRIBUTION_METHOD_SALIENCY → "saliency"); UNSPECIFIED and unknowns are refused."""
+    if value == pb.ATTRIBUTION_METHOD_UNSPECIFIED:
+        raise InvalidInput("ATTRIBUTION_METHOD_UNSPECIFIED is not a method; leave the "
+                           "list empty for the defaults", field=field)
+    try:
+        name = pb.AttributionMethod.Name(value).removeprefix(METHOD_PREFIX).lower()
+        return attribution.get_method(name).name
+    except (ValueError, InvalidInput):
+        raise InvalidInput(f"unknown attribution method value {value}", field=field) from None
+
+
 def method_names(values: list[int], field: str) -> tuple[str, ...]:
     """Return method names for AttributionMethod values; UNSPECIFIED is refused."""
-    names = []
-    for value in values:
-        if value == pb.ATTRIBUTION_METHOD_UNSPECIFIED:
-            raise InvalidInput("ATTRIBUTION_METHOD_UNSPECIFIED is not a method; leave the "
-                               "list empty for the defaults", field=field)
-        try:
-            names.append(attribution.method_by_proto_value(value).name)
-        except InvalidInput as err:
-            raise InvalidInput(str(err), field=field) from None
-    return tuple(names)
+    return tuple(method_name(value, field) for value in values)
 
 
 def method_value(name: str) -> int:
-    """Return the AttributionMethod value of a method name."""
-    return attribution.get_method(name).proto_value
+    """Return the AttributionMethod value of a registered method name."""
+    return pb.AttributionMethod.Value(METHOD_PREFIX + attribution.get_method(name).name.upper())
 
 
 def process_names(values: list[int], field: str) -> tuple[str, ...]:
@@ -175,7 +182,7 @@ def response_to_result(response: pb.CheckResponse) -> CheckResult:
         probabilities=list(p.probabilities),
         scores=[
             MethodScore(
-                method=attribution.method_by_proto_value(s.method).name,
+                method=method_name(s.method),
                 ax_process=AX_PROCESS_BY_VALUE[s.ax_process],
                 score=s.score,
                 labelled_score=s.labelled_score if s.HasField("labelled_score") else None,
@@ -221,7 +228,7 @@ def model_info(bundle: ModelBundle, default_methods: tuple[str, ...],
         input_shape=list(bundle.spec.shape),
         mean=list(bundle.spec.mean),
         std=list(bundle.spec.std),
-        available_methods=[m.proto_value for m in attribution.available_methods(bundle)],
+        available_methods=[method_value(m.name) for m in attribution.available_methods(bundle)],
         default_methods=[method_value(m) for m in default_methods],
         torchscript=bundle.torchscript,
         device=str(bundle.device),

@@ -23,6 +23,8 @@ from .errors import Busy, InvalidInput
 from .gax import GaxOptions, GaxStep
 from .model import ModelBundle, shared_copy
 
+# Option bounds: beyond them float32 overflows (3e38 streamed NaN) and nothing is gained
+# (the paper uses lr 0.1 and weight 100).
 MAX_LEARNING_RATE = 10.0
 MAX_SIMILARITY_WEIGHT = 1e6
 DEFAULTS = {f.name: f.default for f in fields(GaxOptions) if f.default is not MISSING}

@@ -30,10 +30,7 @@ from .verdict import Evidence, Family
 
 log = logging.getLogger(__name__)
 
-AX_PROCESS_NAMES = tuple(scoring.AX_PROCESSES)
 DEFAULT_AX_PROCESSES = ("sum",)
-"""GAX option bounds: beyond them float32 overflows (3e38 streamed NaN) and nothing is
-gained (the paper uses lr 0.1 and weight 100)."""
 EXTRA_FORWARD_CHUNK = 256
 """Most images in one forward of the extra inputs (bounds peak memory)."""
 
@@ -239,7 +236,7 @@ class Engine:
         self.bundle = bundle
         self.available = [m.name for m in attribution.available_methods(bundle)]
         for name in default_methods:
-            spec = attribution.get_method(name)
+            spec = attribution.get_method(name)  # UnknownMethod: no such method at all
             try:
                 attribution.check_available(spec, bundle)
             except InvalidInput as err:
@@ -277,10 +274,8 @@ class Engine:
             self._view(text)
 
     def _heatmap_fn(self, name: str) -> attribution.HeatmapFn:
-        if name not in self._heatmap_fns:
-            spec = attribution.get_method(name)
-            attribution.check_available(spec, self.bundle)
-            self._heatmap_fns[name] = spec.build(self.bundle)
+        if name not in self._heatmap_fns:  # names were validated (resolve, __init__)
+            self._heatmap_fns[name] = attribution.get_method(name).build(self.bundle)
         return self._heatmap_fns[name]
 
     def _view(self, text: str) -> evidence.ViewSpec:
@@ -317,15 +312,11 @@ class Engine:
         methods = (tuple(dict.fromkeys(m for m, _ in pairs)) or tuple(dict.fromkeys(item.methods))
                    or self.default_methods)
         for name in methods:
-            attribution.check_available(attribution.get_method(name), self.bundle)
+            attribution.require(name, self.bundle)
         processes = (tuple(dict.fromkeys(p for _, p in pairs))
                      or tuple(dict.fromkeys(item.ax_processes)) or DEFAULT_AX_PROCESSES)
         for process in processes:
-            if process not in scoring.AX_PROCESSES:
-                raise InvalidInput(
-                    f"unknown AX process {process!r}; valid: {', '.join(AX_PROCESS_NAMES)}",
-                    field="ax_processes",
-                )
+            scoring.require_process(process)
         return ResolvedItem(image, methods, processes, item.label, item.return_heatmaps,
                             pairs=pairs)
 

@@ -29,7 +29,7 @@ import grpc
 import numpy as np
 import torch
 
-from . import __version__, attribution, scoring
+from . import __version__, scoring
 from .converters import image_from_encoded
 from .dataplane import DataPlane
 from .engine import DEFAULT_AX_PROCESSES, CheckItem, CheckResult
@@ -121,19 +121,11 @@ def parse_options(parameters: Any) -> InferOptions:
             if choice != "string_param":
                 raise InvalidInput("must be a string_param (comma-separated names)",
                                    field=field)
+            # Validated once, by the engine's resolve (its errors are renamed there).
             names = tuple(n.strip() for n in value.string_param.split(",") if n.strip())
             if key == "methods":
-                for name in names:
-                    try:
-                        attribution.get_method(name)
-                    except InvalidInput as err:
-                        raise InvalidInput(str(err), field=field) from None
                 methods = names
             else:
-                for name in names:
-                    if name not in scoring.AX_PROCESSES:
-                        raise InvalidInput(f"unknown AX process {name!r}; valid: "
-                                           f"{', '.join(scoring.AX_PROCESSES)}", field=field)
                 processes = names
         elif key == "prediction_only":
             if choice != "bool_param":

@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import torch
 
+from .errors import InvalidInput
+
 
 def kappa(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Return the score constants κ, (N, C) float32: 1 at the target, -1/(C-1) elsewhere.
@@ -53,6 +55,15 @@ AX_PROCESSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = 
     "sum": ax_sum,
     "product": ax_product,
 }
+
+
+def require_process(name: str, field: str = "ax_processes") -> str:
+    """Return `name` if it is an AX process; else InvalidInput naming `field` and the valid
+    names (the one validation of a process name)."""
+    if name not in AX_PROCESSES:
+        raise InvalidInput(f"unknown AX process {name!r}; valid: {', '.join(AX_PROCESSES)}",
+                           field=field)
+    return name
 
 
 def co_score(

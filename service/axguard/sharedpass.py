@@ -8,7 +8,8 @@ modules and nothing else):
     GuidedBackprop              max(grad, 0) · [x > 0]    (Springenberg et al.)
 so a copy of the network whose ReLUs read the rule at backward time gives all of them from
 one forward pass, one backward pass each (graph retained between them). The copy shares
-the parameters of the served network and is only used under the engine's lock.
+the parameters of the served network and is only used under the engine's lock. Which rule
+gives which method is the method registry's (attribution.MethodSpec.backward_rule).
 """
 
 from __future__ import annotations
@@ -18,11 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .attribution import get_method, shared_methods
 from .model import shared_copy
 
-SHARED_METHODS = ("saliency", "deconvolution", "guided_backprop", "input_x_gradient")
-_RULE = {"saliency": "plain", "input_x_gradient": "plain", "deconvolution": "deconvolution",
-         "guided_backprop": "guided"}
+SHARED_METHODS = shared_methods()
 
 
 @dataclass
@@ -87,7 +87,8 @@ class SharedPass:
 
     def supports(self, method: str) -> bool:
         """Return True when this pass gives `method`'s heatmaps."""
-        return method in SHARED_METHODS and (self.switchable or _RULE[method] == "plain")
+        rule = get_method(method).backward_rule
+        return rule is not None and (self.switchable or rule == "plain")
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (leaf input with grad, logits with their graph) for (N, C, H, W) pixels."""
@@ -127,9 +128,11 @@ class SharedPass:
 
 def rule_of(method: str) -> str:
     """Return the backward rule that gives a shared method's heatmap."""
-    return _RULE[method]
+    rule = get_method(method).backward_rule
+    assert rule is not None, f"{method} has no shared-pass rule"
+    return rule
 
 
 def finish_heatmap(method: str, leaf: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
     """Return the method's heatmap from its rule's gradient (× input for InputXGradient)."""
-    return (gradient * leaf).detach() if method == "input_x_gradient" else gradient
+    return (gradient * leaf).detach() if get_method(method).times_input else gradient
