@@ -218,3 +218,42 @@ def test_bad_serve_settings_fail_with_a_clear_message(args, message, resnet_file
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_every_settings_flag_and_set_reach_the_settings_model():
+    # Settings flags are recognised by the settings model itself (no hand-kept list): each
+    # flag whose destination is dotted must name a real setting, and --set reaches any.
+    import argparse
+
+    from axguard.cli import (
+        _calibrate_parser,
+        _evaluate_parser,
+        _serve_parser,
+        overrides_from_args,
+        setting_paths,
+    )
+
+    parser = argparse.ArgumentParser()
+    subparsers = parser.add_subparsers(dest="command")
+    for add in (_serve_parser, _calibrate_parser, _evaluate_parser):
+        add(subparsers)
+    paths = setting_paths()
+    for sub in subparsers.choices.values():
+        for action in sub._actions:
+            if "." in action.dest:
+                assert action.dest in paths, f"{action.option_strings} → {action.dest}"
+    args = parser.parse_args(["serve", "--port", "7", "--set", "batching.max_delay_ms=0.5",
+                              "--set", "server.tls.cert_file=/x.pem",
+                              "--set", "attribution.default_methods=[saliency]"])
+    assert overrides_from_args(args) == {
+        "server": {"port": 7, "tls": {"cert_file": "/x.pem"}},
+        "batching": {"max_delay_ms": 0.5},
+        "attribution": {"default_methods": ["saliency"]}}
+
+
+def test_set_refuses_an_unknown_setting(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--set", "server.colour=red"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "'server.colour=red': expected SECTION.NAME=VALUE" in err and "server.port" in err

@@ -47,6 +47,44 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     attr.add_argument("--grad-cam-layer", dest="attribution.grad_cam_layer")
     parser.add_argument("--log-level", dest="log_level",
                         choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    parser.add_argument("--set", dest="set_settings", action="append", default=[],
+                        type=_setting, metavar="SECTION.NAME=VALUE",
+                        help="any setting of the settings model, e.g. "
+                             "--set batching.max_delay_ms=1 --set server.max_batch_items=64 "
+                             "(VALUE is read as YAML; repeat for several)")
+
+
+def setting_paths() -> set[str]:
+    """Every dotted path of the settings model ("server.port", "log_level", …)."""
+    from pydantic import BaseModel
+
+    from .config import Settings
+
+    paths: set[str] = set()
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            kind = field.annotation
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                walk(kind, f"{prefix}{name}.")
+            else:
+                paths.add(f"{prefix}{name}")
+
+    walk(Settings, "")
+    return paths
+
+
+def _setting(text: str) -> tuple[str, Any]:
+    """Parse --set's SECTION.NAME=VALUE; the path must be a setting (VALUE is YAML)."""
+    import yaml
+
+    path, sep, value = text.partition("=")
+    path = path.strip()
+    if not sep or path not in setting_paths():
+        valid = ", ".join(sorted(setting_paths()))
+        raise argparse.ArgumentTypeError(f"{text!r}: expected SECTION.NAME=VALUE with a "
+                                         f"setting's path; valid paths: {valid}")
+    return path, yaml.safe_load(value) if value.strip() else None
 
 
 def _split_methods(value: str) -> list[str]:
@@ -98,9 +136,11 @@ def _calibrate_parser(subparsers: argparse._SubParsersAction) -> None:
     cal.add_argument("--data", required=True,
                      help="DIR/<class name>/*.png|jpg, or builtin:digits (demo calibration split)")
     cal.add_argument("--out", type=Path, required=True, help="artifact path (JSON)")
-    cal.add_argument("--methods", default="default",
-                     help="'default' (saliency,deconvolution with SUM), 'all' (six methods, "
-                          "SUM and PRODUCT) or method:process pairs, e.g. saliency:sum")
+    cal.add_argument("--pairs", "--methods", dest="pairs", default="default",
+                     help="the CO (method, AX process) pairs offered to the risk model: "
+                          "'default' (saliency,deconvolution with SUM), 'all' (six methods, "
+                          "SUM and PRODUCT) or method:process pairs, e.g. saliency:sum "
+                          "(--methods is the old name)")
     cal.add_argument("--families", default=",".join(DEFAULT_FAMILIES), type=_split_methods,
                      help="evidence families offered to the risk model (msp is always in): "
                           "logit, boundary, counterfactual, perturbation, views, co (default "
@@ -151,17 +191,14 @@ def _report_parser(subparsers: argparse._SubParsersAction) -> None:
     rep.set_defaults(handler=run_report)
 
 
-COMMAND_OPTIONS = {"handler", "command", "config", "data", "out", "methods", "beta", "recall",
-                   "delta", "fit_fraction", "gax_percentile", "bootstrap", "batch_size", "seed",
-                   "families", "epsilons", "folds", "repeats"}
-
-
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """Return nested settings overrides for every dotted flag that was given."""
+    """Return nested settings overrides for every flag given whose destination is a path
+    of the settings model (the model decides, not a list here), then every --set."""
     nested: dict[str, Any] = {}
-    for key, value in vars(args).items():
-        if value is None or key in COMMAND_OPTIONS:
-            continue
+    paths = setting_paths()
+    given = [(key, value) for key, value in vars(args).items()
+             if value is not None and key in paths]
+    for key, value in [*given, *getattr(args, "set_settings", [])]:
         node = nested
         *parents, leaf = key.split(".")
         for part in parents:
@@ -227,7 +264,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from .engine import Engine
 
     def body(settings: Any) -> int:
-        pairs = parse_pairs(args.methods)
+        pairs = parse_pairs(args.pairs)
         bundle = build_bundle(settings.model, settings.attribution)
         engine = Engine(bundle, sorted({p[0] for p in pairs}, key=[q[0] for q in pairs].index))
         images = load_labelled_images(args.data, bundle.class_names)
