@@ -174,3 +174,23 @@ def test_engine_modules_do_not_import_grpc():
         "assert not any(m == 'grpc' or m.startswith('grpc.') for m in sys.modules), 'grpc'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_resolve_scans_an_image_once(demo_engine, demo_bundle):
+    # A decoder that validated the image marks it; resolve then trusts it (the NaN scan
+    # ran once, at the edge). Unmarked images are still checked.
+    from axguard.config import load_settings
+    from axguard.converters import request_to_item
+    from axguard.dataplane import input_limits
+    from axguard.engine import ResolvedItem
+    from axguard.v1 import confidence_pb2 as pb
+
+    image = torch.rand(demo_bundle.spec.shape)
+    request = pb.CheckRequest(image=pb.Image(tensor=pb.Tensor(
+        shape=list(image.shape), data=image.numpy().astype("<f4").tobytes())))
+    item = request_to_item(request, demo_bundle, input_limits(load_settings()))
+    assert item.image_checked
+    resolved = demo_engine.resolve(item)
+    assert isinstance(resolved, ResolvedItem) and demo_engine.resolve(resolved) is resolved
+    with pytest.raises(InvalidInput, match="NaN"):
+        demo_engine.resolve(CheckItem(torch.full(demo_bundle.spec.shape, float("nan"))))

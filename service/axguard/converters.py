@@ -6,12 +6,22 @@ import contextlib
 
 import torch
 
+# One enum ↔ name mapping, the client's (by the enum's names).
+from axguard_client.client import method_name as enum_method_name
+from axguard_client.client import method_value as enum_method_value
+
 from . import attribution
 from .calibration.artifact import CalibrationArtifact
 from .engine import CheckItem, CheckResult, MethodScore, StageTiming, Verdict
 from .errors import InputTooLarge, InvalidInput
 from .model import ModelBundle
-from .preprocess import InputLimits, decode_image, tensor_from_bytes, tensor_to_bytes
+from .preprocess import (
+    InputLimits,
+    decode_image,
+    float32_array,
+    tensor_from_bytes,
+    tensor_to_bytes,
+)
 from .v1 import confidence_pb2 as pb
 
 AX_PROCESS_BY_VALUE = {pb.AX_PROCESS_SUM: "sum", pb.AX_PROCESS_PRODUCT: "product"}
@@ -26,25 +36,18 @@ def tensor_to_proto(tensor: torch.Tensor) -> pb.Tensor:
 
 def tensor_from_proto(message: pb.Tensor) -> torch.Tensor:
     """Return the tensor in a Tensor message, without range checks (for responses)."""
-    import numpy as np
-
-    shape = [int(s) for s in message.shape]
-    values = np.frombuffer(message.data, dtype="<f4").reshape(shape)
-    return torch.from_numpy(values.astype(np.float32))
-
-
-METHOD_PREFIX = "ATTRIBUTION_METHOD_"
+    return torch.from_numpy(float32_array(message.data, [int(s) for s in message.shape]))
 
 
 def method_name(value: int, field: str = "methods") -> str:
     """Return the registered method name of an AttributionMethod value (by the enum's
-    name: ATTRIBUTION_METHOD_SALIENCY → "saliency"); UNSPECIFIED and unknowns are refused."""
+    name, the client's mapping: ATTRIBUTION_METHOD_SALIENCY → "saliency"); UNSPECIFIED and
+    unknowns are refused."""
     if value == pb.ATTRIBUTION_METHOD_UNSPECIFIED:
         raise InvalidInput("ATTRIBUTION_METHOD_UNSPECIFIED is not a method; leave the "
                            "list empty for the defaults", field=field)
     try:
-        name = pb.AttributionMethod.Name(value).removeprefix(METHOD_PREFIX).lower()
-        return attribution.get_method(name).name
+        return attribution.get_method(enum_method_name(value)).name
     except (ValueError, InvalidInput):
         raise InvalidInput(f"unknown attribution method value {value}", field=field) from None
 
@@ -56,7 +59,7 @@ def method_names(values: list[int], field: str) -> tuple[str, ...]:
 
 def method_value(name: str) -> int:
     """Return the AttributionMethod value of a registered method name."""
-    return pb.AttributionMethod.Value(METHOD_PREFIX + attribution.get_method(name).name.upper())
+    return enum_method_value(attribution.get_method(name).name)
 
 
 def process_names(values: list[int], field: str) -> tuple[str, ...]:
@@ -118,6 +121,7 @@ def request_to_item(
         return_heatmaps=request.return_heatmaps,
         prediction_only=request.prediction_only,
         verdict_only=request.verdict_only,
+        image_checked=True,  # image_from_proto validated shape, values and range
     )
 
 

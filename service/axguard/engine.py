@@ -53,6 +53,9 @@ class CheckItem:
     """The prediction and the verdict: no CO scores or heatmaps beyond what it needs."""
     pairs: Sequence[tuple[str, str]] = ()
     """Explicit (method, AX process) pairs; when given, instead of methods × ax_processes."""
+    image_checked: bool = False
+    """The image came from a validating decoder (preprocess: shape, finite, [0, 1]), so
+    resolve does not scan it again."""
 
     def asked_pairs(self) -> list[tuple[str, str]]:
         """Return the (method, process) pairs whose scores this item reports, in order."""
@@ -294,11 +297,12 @@ class Engine:
             return item
         spec = self.bundle.spec
         image = item.image
-        if tuple(image.shape) != spec.shape:
-            raise InvalidInput(f"shape {list(image.shape)} must be {list(spec.shape)}",
-                               field="image")
-        if not torch.isfinite(image).all():
-            raise InvalidInput("contains NaN or Inf", field="image")
+        if not item.image_checked:
+            if tuple(image.shape) != spec.shape:
+                raise InvalidInput(f"shape {list(image.shape)} must be {list(spec.shape)}",
+                                   field="image")
+            if not torch.isfinite(image).all():
+                raise InvalidInput("contains NaN or Inf", field="image")
         if item.label is not None and not 0 <= item.label < self.bundle.num_classes:
             raise InvalidInput(
                 f"{item.label} is out of range [0, {self.bundle.num_classes - 1}]",

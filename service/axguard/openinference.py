@@ -336,7 +336,8 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
                                   plane.max_batch_items)
             items = [self._resolve(CheckItem(image, methods=options.methods,
                                              ax_processes=options.ax_processes,
-                                             prediction_only=options.prediction_only))
+                                             prediction_only=options.prediction_only,
+                                             image_checked=True))
                      for image in images]
             results, receipts = plane.check(
                 items, [f"{request_id}-{i}" for i in range(len(items))],

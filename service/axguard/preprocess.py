@@ -221,6 +221,12 @@ def tensor_batch_from_bytes(
     return torch.from_numpy(_pixels(data, shape, data_field))
 
 
+def float32_array(data: bytes, shape: list[int] | tuple[int, ...]) -> np.ndarray:
+    """Return little-endian float32 bytes as a native float32 array of `shape` (no checks;
+    the bytes' length must fit)."""
+    return np.frombuffer(data, dtype="<f4").reshape(shape).astype(np.float32)
+
+
 def _pixels(data: bytes, shape: tuple[int, ...], field: str) -> np.ndarray:
     """Return float32 pixels of `shape` from bytes, refusing a wrong length, NaN/Inf and
     values outside [0, 1]."""
@@ -230,7 +236,7 @@ def _pixels(data: bytes, shape: tuple[int, ...], field: str) -> np.ndarray:
             f"has {len(data)} bytes, expected {expected} (float32 x {list(shape)})",
             field=field,
         )
-    values = np.frombuffer(data, dtype="<f4").reshape(shape)
+    values = float32_array(data, shape)
     if not np.isfinite(values).all():
         raise InvalidInput("contains NaN or Inf", field=field)
     if values.min() < 0.0 or values.max() > 1.0:
@@ -238,7 +244,7 @@ def _pixels(data: bytes, shape: tuple[int, ...], field: str) -> np.ndarray:
             f"values must lie in [0, 1], found [{values.min():.4g}, {values.max():.4g}]",
             field=field,
         )
-    return values.astype(np.float32)
+    return values
 
 
 def tensor_to_bytes(tensor: torch.Tensor) -> tuple[list[int], bytes]:
