@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 
-.PHONY: serve test lint proto train-demo venv tools system-deps calibrate-demo bench bench-flag bench-gax bench-memory bench-feedback bench-drift bench-transport fuzz soak image clean
+.PHONY: serve test lint proto train-demo venv tools system-deps calibrate-demo bench bench-flag bench-gax bench-memory bench-feedback bench-drift bench-transport paper-demo fuzz soak image clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -87,6 +87,11 @@ bench-feedback: $(STAMP)
 # the thread-pool and asyncio servers, against the real server (~3 min).
 bench-transport: $(STAMP)
 	$(BIN)/python bench/transport_raw.py
+
+# The paper's experiments on the digits: fine-tune a truncated ResNet-34 to two targets and
+# draw Figures 2-4, 7, 8 for both (build/paper-demo/, bench/results/paper_demo.md).
+paper-demo: $(STAMP)
+	$(BIN)/python scripts/paper_demo.py
 
 # Drift alerts on shifted held-out digits, evaluated by a real Prometheus (~1 min).
 bench-drift: $(STAMP) system-deps

@@ -142,8 +142,9 @@ def first_conv_layer(network: nn.Module) -> str:
 
 def _build_grad_cam(bundle: ModelBundle) -> HeatmapFn:
     layer_name = bundle.grad_cam_layer or first_conv_layer(bundle.network)
-    # The user names layers of their own network; the bundle wraps it as network[1].
-    candidates = [layer_name, f"1.{layer_name}"]
+    # The user names layers of their own network; the bundle wraps it as network[1], so
+    # that name comes first ("0" is the user's first layer, not the wrapper's Normalize).
+    candidates = [f"1.{layer_name}", layer_name]
     layer = None
     for candidate in candidates:
         try:

@@ -313,6 +313,96 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return _run(args, body)
 
 
+def _finetune_parser(subparsers: argparse._SubParsersAction) -> None:
+    ft = subparsers.add_parser(
+        "finetune", help="the paper's fine-tuning recipe (Table 1) on ImageFolder data",
+        description="Train a truncated torchvision network with a new linear layer (Adam lr "
+                    "0.001, betas (0.5, 0.999), batches of 32 drawn at random) until the "
+                    "validation accuracy reaches the target; write a model `serve --config` "
+                    "takes.")
+    ft.add_argument("--arch", choices=("resnet34", "resnet18", "alexnet"), default="resnet34",
+                    help="resnet34: first 8 child modules; alexnet: first 6 feature modules; "
+                         "resnet18: the ResNet recipe on a smaller network")
+    ft.add_argument("--data", type=Path, required=True, help="training DIR/<class>/*.png|jpg")
+    ft.add_argument("--val", type=Path, required=True, help="validation DIR/<class>/...")
+    ft.add_argument("--out", type=Path, required=True,
+                    help="folder for model.pt, classes.txt, model.yaml, finetune.json")
+    ft.add_argument("--weights", type=Path,
+                    help="pretrained state dict of the full torchvision network (a local "
+                         "file; nothing is downloaded)")
+    ft.add_argument("--input-size", type=int, default=256, help="square input (default 256)")
+    ft.add_argument("--target-accuracy", type=float, default=0.9)
+    ft.add_argument("--min-iterations", type=int, default=2400)
+    ft.add_argument("--max-iterations", type=int, default=240_000)
+    ft.add_argument("--eval-every", type=int, default=100,
+                    help="iterations between validation passes (default 100)")
+    ft.add_argument("--batch-size", type=int, default=32)
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--name", help="the served model's name (default ARCH-finetuned)")
+    ft.set_defaults(handler=run_finetune)
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from .errors import AxguardError
+    from .paper.finetune import FinetuneOptions, finetune
+
+    options = FinetuneOptions(
+        arch=args.arch, data=args.data, val=args.val, out=args.out, weights=args.weights,
+        input_size=args.input_size, target_accuracy=args.target_accuracy,
+        min_iterations=args.min_iterations, max_iterations=args.max_iterations,
+        eval_every=args.eval_every, batch_size=args.batch_size, seed=args.seed,
+        name=args.name)
+    try:
+        result = finetune(options, progress=sys.stderr.isatty())
+    except AxguardError as err:
+        print(f"axguard finetune: error: {err.message}", file=sys.stderr)
+        return 2
+    print(f"{'reached' if result.reached_target else 'did not reach'} validation accuracy "
+          f"{result.val_accuracy:.4f} (target {args.target_accuracy}) after "
+          f"{result.iterations} iterations, {result.seconds:.0f} s; serve it with "
+          f"`axguard serve --config {result.config_file}`")
+    return 0
+
+
+def _paper_figures_parser(subparsers: argparse._SubParsersAction) -> None:
+    pf = subparsers.add_parser(
+        "paper-figures", help="the paper's Figures 2-4, 7, 8 on a model and labelled images",
+        description="CO of all six methods x SUM/PRODUCT (labelled and label-free), GAX CO "
+                    "curves, Layer Grad-CAM per stage; one HTML page.")
+    _model_args(pf)
+    pf.add_argument("--data", required=True,
+                    help="DIR/<class name>/*.png|jpg, or builtin:digits-test")
+    pf.add_argument("--out", type=Path, required=True, help="output folder")
+    pf.add_argument("--gax-images", type=int, default=5)
+    pf.add_argument("--gax-steps", type=int, default=200)
+    pf.add_argument("--gax-target", type=float,
+                    help="GAX target CO (default: the 95th percentile of the correct "
+                         "predictions' label-free saliency CO)")
+    pf.add_argument("--batch-size", type=int, default=32)
+    pf.set_defaults(handler=run_paper_figures)
+
+
+def run_paper_figures(args: argparse.Namespace) -> int:
+    from .app import build_bundle
+    from .calibration.datasets import load_labelled_images
+    from .paper.figures import write_paper_figures
+
+    def body(settings: Any) -> int:
+        bundle = build_bundle(settings.model, settings.attribution)
+        images = load_labelled_images(args.data, bundle.class_names)
+        summary = write_paper_figures(
+            bundle, images, args.out, gax_images=args.gax_images, gax_steps=args.gax_steps,
+            gax_target=args.gax_target, batch_size=args.batch_size,
+            progress=sys.stderr.isatty())
+        print(f"wrote {args.out / 'index.html'}: {summary['images']} images, "
+              f"{summary['errors']} wrong; largest labelled gap "
+              f"{summary['largest_gap']['labelled']}, label-free "
+              f"{summary['largest_gap']['label_free']}")
+        return 0
+
+    return _run(args, body)
+
+
 def run_report(args: argparse.Namespace) -> int:
     from .calibration.artifact import load_artifact
     from .calibration.report import write_report
@@ -335,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     _calibrate_parser(subparsers)
     _evaluate_parser(subparsers)
     _report_parser(subparsers)
+    _finetune_parser(subparsers)
+    _paper_figures_parser(subparsers)
     add_client_commands(subparsers)
     args = parser.parse_args(argv)
     return int(args.handler(args))

@@ -92,11 +92,12 @@ def is_torchscript_file(path: Path) -> bool:
         return any("/code/" in n or n.startswith("code/") for n in archive.namelist())
 
 
-def build_network(source: str, num_classes: int) -> nn.Module:
+def build_network(source: str, num_classes: int,
+                  input_size: tuple[int, int] | None = None) -> nn.Module:
     """Return an untrained network from `torchvision:NAME` or `package.module:factory`.
 
-    A factory is called with `num_classes=` when it accepts that keyword, else without
-    arguments.
+    A factory is called with `num_classes=` (and `input_size=(H, W)`, when given) for each
+    of those keywords it accepts.
     """
     if ":" not in source:
         raise ConfigError(
@@ -116,7 +117,12 @@ def build_network(source: str, num_classes: int) -> nn.Module:
     except (ImportError, AttributeError) as err:
         raise ConfigError(f"cannot import {source!r}: {err}", field="model.source") from err
     params = inspect.signature(factory).parameters
-    net = factory(num_classes=num_classes) if "num_classes" in params else factory()
+    kwargs: dict[str, object] = {}
+    if "num_classes" in params:
+        kwargs["num_classes"] = num_classes
+    if "input_size" in params and input_size is not None:
+        kwargs["input_size"] = input_size
+    net = factory(**kwargs)
     if not isinstance(net, nn.Module):
         raise ConfigError(f"{source!r} returned {type(net).__name__}, not nn.Module",
                           field="model.source")
@@ -257,7 +263,7 @@ def load_bundle(
         default_name = script_path.stem
         torchscript = True
     else:
-        network = build_network(source, len(class_names))
+        network = build_network(source, len(class_names), (spec.height, spec.width))
         if weights is None:
             raise ConfigError("a state dict file is required for this model",
                               field="model.weights")
