@@ -33,6 +33,10 @@ class LabelledImages:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def load(self, index: int, spec: InputSpec) -> torch.Tensor:
+        """Return image `index` as (C, H, W) float32 in [0, 1]."""
+        return self._loaders[index](spec)
+
     def batches(self, spec: InputSpec, batch_size: int) -> Iterator[tuple[torch.Tensor, list[int]]]:
         """Yield ((B, C, H, W) float32 in [0, 1], labels) batches in order."""
         for start in range(0, len(self), batch_size):

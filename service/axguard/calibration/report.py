@@ -34,6 +34,30 @@ def _pairs(artifact: CalibrationArtifact) -> list[tuple[str, str]]:
     return [(p.method, p.ax_process) for p in artifact.pairs]
 
 
+FIGURES_LOADED_SCRIPT = """<script>
+// For automated checks: how many figures actually decoded.
+window.addEventListener("load", () => {
+  const ok = [...document.images].filter(i => i.complete && i.naturalWidth > 0).length;
+  document.body.dataset.figuresLoaded = ok;
+});
+</script>"""
+
+
+def correct_vs_wrong(ax, values: np.ndarray, is_error: np.ndarray, kind: str) -> None:  # noqa: ANN001
+    """One panel: `values` of correct vs wrong predictions as boxplots ("box") or
+    histograms; an empty group is left out."""
+    groups = [(name, values[mask], colour) for name, mask, colour in
+              (("correct", ~is_error, CORRECT), ("wrong", is_error, WRONG)) if mask.any()]
+    if kind == "box":
+        ax.boxplot([g for _, g, _ in groups] or [values], orientation="horizontal", widths=0.6)
+        ax.set_yticks(range(1, len(groups) + 1), [f"{n} ({len(g)})" for n, g, _ in groups])
+    else:
+        bins = np.histogram_bin_edges(values, bins=30)
+        for name, g, colour in groups:
+            ax.hist(g, bins=bins, color=colour, alpha=0.6, density=True, label=name)
+        ax.legend(fontsize=7)
+
+
 def figure_distributions(artifact: CalibrationArtifact, kind: str, out: Path) -> Path:
     """Boxplots or histograms of CO for correct vs wrong: labelled left, label-free right."""
     features, is_error, _ = _arrays(artifact)
@@ -43,20 +67,9 @@ def figure_distributions(artifact: CalibrationArtifact, kind: str, out: Path) ->
         for col, labelled in enumerate((True, False)):
             ax = axes[row, col]
             values = features[co_feature_name(method, process, labelled)]
-            groups = [values[~is_error], values[is_error]]
             title = (f"{method}/{process}: "
                      f"{'labelled CO (paper, needs the label)' if labelled else 'label-free CO'}")
-            if kind == "box":
-                ax.boxplot(groups, orientation="horizontal", widths=0.6)
-                ax.set_yticks([1, 2], [f"correct ({len(groups[0])})",
-                                       f"wrong ({len(groups[1])})"])
-            else:
-                bins = np.histogram_bin_edges(values, bins=30)
-                ax.hist(groups[0], bins=bins, color=CORRECT, alpha=0.6, density=True,
-                        label="correct")
-                ax.hist(groups[1], bins=bins, color=WRONG, alpha=0.6, density=True,
-                        label="wrong")
-                ax.legend(fontsize=7)
+            correct_vs_wrong(ax, values, is_error, kind)
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("CO score", fontsize=8)
     fig.tight_layout()
@@ -223,13 +236,7 @@ label-free CO on correct predictions).</p>
 <table><tr><th>score</th><th>label-free</th><th>on</th><th>AUROC</th><th>AUPR-Error</th>
 <th>FPR@95% correct kept</th><th>AURC</th><th>E-AURC</th><th>median gap</th>
 <th>Mann–Whitney p</th></tr>{rows}</table>
-<script>
-// For automated checks: how many figures actually decoded.
-window.addEventListener("load", () => {{
-  const ok = [...document.images].filter(i => i.complete && i.naturalWidth > 0).length;
-  document.body.dataset.figuresLoaded = ok;
-}});
-</script>
+{FIGURES_LOADED_SCRIPT}
 </body></html>
 """
 

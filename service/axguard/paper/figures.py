@@ -27,13 +27,17 @@ from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from ..calibration.datasets import LabelledImages  # noqa: E402
+from ..calibration.report import (  # noqa: E402
+    CORRECT,
+    FIGURES_LOADED_SCRIPT,
+    WRONG,
+    correct_vs_wrong,
+)
 from ..config import GaxSettings  # noqa: E402
 from ..diagnoser import Diagnoser  # noqa: E402
 from ..engine import CheckItem, Engine  # noqa: E402
 from ..model import ModelBundle  # noqa: E402
 from ..scoring import AX_PROCESSES  # noqa: E402
-
-CORRECT, WRONG = "#2b7bba", "#d7301f"
 
 
 @dataclass
@@ -89,27 +93,12 @@ def figure_co(table: CoTable, kind: str, out: Path) -> Path:
     """Figures 2/3/7: boxplots or histograms of CO, correct vs wrong, labelled | label-free."""
     pairs = table.pairs
     fig, axes = plt.subplots(len(pairs), 2, figsize=(9, 1.9 * len(pairs)), squeeze=False)
-    ok, bad = ~table.is_error, table.is_error
     for row, pair in enumerate(pairs):
         for col, (label, values) in enumerate((("labelled CO (paper; needs the label)",
                                                 table.labelled[pair]),
                                                ("label-free CO", table.label_free[pair]))):
             ax = axes[row, col]
-            groups = [values[ok], values[bad]]
-            if kind == "box":
-                ax.boxplot([g for g in groups if len(g)] or [values], orientation="horizontal",
-                           widths=0.6)
-                ax.set_yticks(range(1, 1 + sum(len(g) > 0 for g in groups)),
-                              [f"{n} ({len(g)})" for n, g in zip(("correct", "wrong"), groups,
-                                                                 strict=True) if len(g)])
-            else:
-                bins = np.histogram_bin_edges(values, bins=30)
-                for g, colour, name in ((groups[0], CORRECT, "correct"),
-                                        (groups[1], WRONG, "wrong")):
-                    if len(g):
-                        ax.hist(g, bins=bins, color=colour, alpha=0.6, density=True,
-                                label=name)
-                ax.legend(fontsize=7)
+            correct_vs_wrong(ax, values, table.is_error, kind)
             ax.set_title(f"{pair[0]} / {pair[1]}: {label}", fontsize=8)
             ax.tick_params(labelsize=7)
     fig.tight_layout()
@@ -137,7 +126,7 @@ def gax_curves(bundle: ModelBundle, images: LabelledImages, table: CoTable, *, c
     spec = bundle.spec
     curves = GaxCurves(target_co)
     for i in order:
-        image = images._loaders[int(i)](spec)
+        image = images.load(int(i), spec)
         options = diagnoser.options(image, target_co=target_co, max_steps=max_steps)
         curves.curves.append([step.co_score for step in diagnoser.run(image, options)])
         curves.names.append(images.names[int(i)])
@@ -181,7 +170,7 @@ def conv_stages(network: nn.Module) -> list[str]:
                 for n, c in children]
 
 
-def layer_grad_cam(bundle: ModelBundle, images: LabelledImages, table: CoTable,
+def layer_grad_cam(bundle: ModelBundle, images: LabelledImages,
                    batch_size: int = 32) -> dict[str, dict[str, list[float]]]:
     """Figure 8's data: per stage, label-free and labelled CO (SUM) of Layer Grad-CAM."""
     user_network = bundle.network[1]  # the bundle is Normalize → the user's network
@@ -271,13 +260,7 @@ largest label-free gap: <b id="best-label-free">{html.escape(best['label_free'])
 <th>label-free gap</th></tr>
 {rows}</table>
 {figs}
-<script>
-// For automated checks: how many figures actually decoded.
-window.addEventListener("load", () => {{
-  const ok = [...document.images].filter(i => i.complete && i.naturalWidth > 0).length;
-  document.body.dataset.figuresLoaded = ok;
-}});
-</script>
+{FIGURES_LOADED_SCRIPT}
 </body></html>
 """
 
@@ -310,7 +293,7 @@ def write_paper_figures(bundle: ModelBundle, images: LabelledImages, out: Path, 
         np.percentile(reference[ok] if ok.any() else reference, 95))
     curves = gax_curves(bundle, images, table, count=gax_images, max_steps=gax_steps,
                         target_co=target)
-    stages = layer_grad_cam(bundle, images, table, batch_size)
+    stages = layer_grad_cam(bundle, images, batch_size)
     figures = {"co_boxplots": figure_co(table, "box", out),
                "co_histograms": figure_co(table, "hist", out),
                "gax_curves": figure_gax(curves, out),

@@ -125,7 +125,7 @@ def finetune(options: FinetuneOptions, progress: bool = True) -> FinetuneResult:
         model.train()
         index = torch.randint(len(train), (options.batch_size,), generator=generator)
         x = cached[index] if cached is not None else torch.stack(
-            [train._loaders[int(i)](spec) for i in index])
+            [train.load(int(i), spec) for i in index])
         loss = loss_fn(model(x), labels[index])
         optimiser.zero_grad()
         loss.backward()
