@@ -6,6 +6,7 @@ Subcommands only parse arguments, build settings and call library functions.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from collections.abc import Callable
@@ -54,7 +55,8 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
                              "(VALUE is read as YAML; repeat for several)")
 
 
-def setting_paths() -> set[str]:
+@functools.cache
+def setting_paths() -> frozenset[str]:
     """Every dotted path of the settings model ("server.port", "log_level", …)."""
     from pydantic import BaseModel
 
@@ -71,7 +73,7 @@ def setting_paths() -> set[str]:
                 paths.add(f"{prefix}{name}")
 
     walk(Settings, "")
-    return paths
+    return frozenset(paths)
 
 
 def _setting(text: str) -> tuple[str, Any]:
@@ -80,8 +82,9 @@ def _setting(text: str) -> tuple[str, Any]:
 
     path, sep, value = text.partition("=")
     path = path.strip()
-    if not sep or path not in setting_paths():
-        valid = ", ".join(sorted(setting_paths()))
+    paths = setting_paths()
+    if not sep or path not in paths:
+        valid = ", ".join(sorted(paths))
         raise argparse.ArgumentTypeError(f"{text!r}: expected SECTION.NAME=VALUE with a "
                                          f"setting's path; valid paths: {valid}")
     return path, yaml.safe_load(value) if value.strip() else None
@@ -239,7 +242,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def parse_pairs(value: str) -> list[tuple[str, str]]:
-    """Return (method, process) pairs for --methods: default, all, or m:p,m:p."""
+    """Return (method, process) pairs for calibrate's --pairs: default, all, or m:p,m:p."""
     from .attribution import require
     from .calibration.calibrate import DEFAULT_PAIRS, all_pairs
     from .scoring import require_process
