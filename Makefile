@@ -36,15 +36,19 @@ $(BUF):
 tools: $(BUF)
 
 # Debian packages the tests use: chromium (report and viewer pages), prometheus (promtool
-# and the end-to-end scrape), kubectl (kustomize). Needs root or sudo on first use.
-SYSTEM_TOOLS := chromium promtool prometheus kubectl
+# and the end-to-end scrape), kubectl (kustomize), and for the container image podman,
+# buildah, runc, debootstrap (the base image, no registry here) and catatonit (podman's
+# init). Installed with apt when any is missing (root or sudo).
+SYSTEM_PACKAGES := chromium prometheus kubectl podman buildah runc debootstrap catatonit
 system-deps:
-	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null 2>&1 || missing=1; done; \
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:" $$missing; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
-	    chromium prometheus kubectl; \
+	    $$missing; \
 	fi
 
 serve: $(STAMP)

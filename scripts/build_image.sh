@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the axguard image: `make image` (IMAGE=axguard:0.2.0 by default).
-#   - docker where it is installed, else podman (overlay storage, deploy/podman/containers.conf);
+#   - the engine scripts/container_engine.sh names: docker when its daemon answers, else
+#     podman (overlay storage, deploy/podman/containers.conf);
 #   - torch from TORCH_INDEX_URL (default: the CPU wheel index; a CUDA index makes the GPU
 #     variant), other packages from PyPI plus PIP_EXTRA_ARGS;
 #   - LOCAL_WHEELS=1 uses this machine's wheel store (/opt/pypi, /opt/pypi-more, /opt/wheels)
@@ -20,11 +21,10 @@ if [ "${LOCAL_WHEELS:-0}" = 1 ]; then
   for d in /opt/pypi /opt/pypi-more /opt/wheels; do args+=(-v "$d:$d:ro"); done
   args+=(-v /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/host-ca.crt:ro)
 fi
-if command -v docker >/dev/null && docker info >/dev/null 2>&1; then
-  engine=(docker)
-elif command -v podman >/dev/null; then
+mapfile -t engine < <(bash scripts/container_engine.sh) || true
+[ ${#engine[@]} -gt 0 ] || exit 2  # container_engine.sh said why
+if [ "${engine[0]}" = podman ]; then
   export CONTAINERS_CONF=${CONTAINERS_CONF:-$PWD/deploy/podman/containers.conf}
-  engine=(podman --storage-driver overlay)
   if ! "${engine[@]}" image exists "$BASE" && ! "${engine[@]}" pull -q "$BASE" 2>/dev/null; then
     command -v debootstrap >/dev/null || { echo "no $BASE and no debootstrap to make one" >&2; exit 2; }
     root=$(mktemp -d)
@@ -33,9 +33,6 @@ elif command -v podman >/dev/null; then
     tar -C "$root" -c . | "${engine[@]}" import - "$BASE" >/dev/null
     rm -rf "$root"
   fi
-else
-  echo "neither docker nor podman is installed (apt-get install podman buildah runc debootstrap)" >&2
-  exit 2
 fi
 previous=$("${engine[@]}" image inspect --format '{{.Id}}' "$IMAGE" 2>/dev/null || true)
 "${engine[@]}" build -t "$IMAGE" "${args[@]}" \

@@ -1,4 +1,5 @@
-"""The container image built and run for real (where podman or docker is installed).
+"""The container image built and run for real (podman, which `make test` installs; docker
+when its daemon answers).
 
 Builds with scripts/build_image.sh (the `make image` script; this machine's local wheel
 store when the torch index is out of reach), then runs it as Kubernetes would: UID 10001, a
@@ -23,18 +24,16 @@ from axguard_client import AxguardClient
 from conftest import EXAMPLES, ROOT
 
 IMAGE = "localhost/axguard:test"
-PODMAN = shutil.which("podman")
-DOCKER = shutil.which("docker")
-pytestmark = pytest.mark.skipif(
-    PODMAN is None and DOCKER is None,
-    reason="no container runtime: install podman (apt-get install podman buildah runc "
-           "debootstrap) or docker to build and run the image")
 
 
 def engine() -> list[str]:
-    if DOCKER and subprocess.run([DOCKER, "info"], capture_output=True).returncode == 0:
-        return [DOCKER]
-    return [PODMAN, "--storage-driver", "overlay"]
+    """The container engine by the rule scripts/build_image.sh uses (one script for both):
+    docker when its daemon answers, else podman with overlay storage. `make test` installs
+    podman and its tools, so on this kind of machine these tests never skip."""
+    result = subprocess.run(["bash", str(ROOT / "scripts/container_engine.sh")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
 
 
 def env() -> dict[str, str]:
@@ -140,8 +139,10 @@ def test_podman_kube_play_runs_the_rendered_base(image, tmp_path):
     ServiceMonitor, PrometheusRule and NetworkPolicy)."""
     import yaml
 
-    if PODMAN is None or shutil.which("kubectl") is None or shutil.which("catatonit") is None:
-        pytest.skip("podman kube play needs podman, kubectl and catatonit (its pause image)")
+    if engine()[0] != "podman":
+        pytest.skip("kube play is podman's; docker (its daemon answers here) has none")
+    for tool in ("kubectl", "catatonit"):  # catatonit: kube play's pause image
+        assert shutil.which(tool), f"{tool} is not installed: `make test` installs it"
     rendered = subprocess.run(["kubectl", "kustomize", str(ROOT / "deploy/k8s/base")],
                               capture_output=True, text=True, check=True).stdout
     deployment = next(d for d in yaml.safe_load_all(rendered) if d["kind"] == "Deployment")
@@ -157,7 +158,7 @@ def test_podman_kube_play_runs_the_rendered_base(image, tmp_path):
         main[probe]["grpc"]["port"] = port
     manifest = tmp_path / "axguard.yaml"
     manifest.write_text(yaml.safe_dump(deployment))
-    kube = [PODMAN, "--storage-driver", "overlay", "kube"]
+    kube = [*engine(), "kube"]
     played = subprocess.run([*kube, "play", "--network", "host", str(manifest)], env=env(),
                             capture_output=True, text=True, timeout=300)
     try:
