@@ -9,6 +9,7 @@ subset in `make test`) and `make fuzz` (the whole run, written to bench/results/
 from __future__ import annotations
 
 import io
+import math
 import struct
 import threading
 import zlib
@@ -80,6 +81,35 @@ def _tiff_bad_tag(tag: int, type_code: int) -> bytes:
         if struct.unpack_from("<H", data, entry)[0] == tag:
             struct.pack_into("<H", data, entry + 2, type_code)
     return bytes(data)
+
+
+def _float_tiff(rng: np.random.Generator) -> tuple[bytes, bool]:
+    """A TIFF of a wide sample format (float32/64, int32, signed int16) and whether its
+    pixels are valid: NaN, Inf, huge or out-of-range values, or a clean in-range image."""
+    side = int(rng.choice([8, 16, 32, 300]))
+    choice = int(rng.integers(8))
+    values: np.ndarray = rng.random((side, side), dtype=np.float32)
+    valid = False
+    if choice == 0:
+        values.ravel()[int(rng.integers(values.size))] = np.nan
+    elif choice == 1:
+        values.ravel()[int(rng.integers(values.size))] = float(rng.choice([np.inf, -np.inf]))
+    elif choice == 2:
+        values = np.full((side, side), float(rng.choice([1e30, 3e38, -1e30])), np.float32)
+    elif choice == 3:
+        values = (values * 255).astype(np.float64)  # a 0–255 float image: out of range
+        values.ravel()[0] = 255.0
+    elif choice == 4:
+        values = rng.integers(-2**31, 2**31 - 1, (side, side), dtype=np.int64).astype(np.int32)
+    elif choice == 5:
+        values = rng.integers(-300, 0, (side, side)).astype(np.int16)
+    else:  # in range: float32 or float64 in [0, 1]
+        valid = True
+        if choice == 7:
+            values = values.astype(np.float64)
+    buffer = io.BytesIO()
+    Image.fromarray(values).save(buffer, "TIFF")
+    return buffer.getvalue(), valid
 
 
 def _check(image: pb.Image, **fields: object) -> bytes:
@@ -204,7 +234,7 @@ def hostile_cases(seed: int, count: int, shape: tuple[int, int, int] = (3, 32, 3
         "random_bytes", "truncated", "bit_flipped", "header_fuzz", "other_format", "bomb",
         "tiff_tag_type", "bad_tensor", "bad_enum", "bad_label", "batch", "empty_batch",
         "diagnose_options", "unparsable", "tiny_deadline", "cancelled_stream", "model_info",
-        "feedback", "model_infer",
+        "feedback", "model_infer", "float_tiff",
     ]
     for i in range(count):
         kind = kinds[int(rng.integers(len(kinds)))] if i >= len(kinds) else kinds[i]
@@ -297,6 +327,24 @@ def hostile_cases(seed: int, count: int, shape: tuple[int, int, int] = (3, 32, 3
             yield Case(kind, "Feedback", _feedback(rng).SerializeToString(),
                        frozenset({C.OK, C.INVALID_ARGUMENT, C.RESOURCE_EXHAUSTED,
                                   C.FAILED_PRECONDITION}))
+        elif kind == "float_tiff":
+            data, valid = _float_tiff(rng)
+            how = int(rng.integers(3))
+            if how == 0:
+                yield Case(kind, "Check", _check(pb.Image(encoded=data)),
+                           frozenset({C.OK}) if valid else BAD)
+            elif how == 1:  # in a batch: only that item fails, the call is OK
+                items = [pb.CheckRequest(image=good), pb.CheckRequest(image=pb.Image(
+                    encoded=data)), pb.CheckRequest(image=good)]
+                yield Case(kind, "CheckBatch",
+                           pb.CheckBatchRequest(requests=items).SerializeToString(),
+                           frozenset({C.OK}))
+            else:  # the Open Inference Protocol's BYTES input
+                request = oip.ModelInferRequest(model_name=model)
+                request.inputs.add(name="image", datatype="BYTES", shape=[1])
+                request.inputs[0].contents.bytes_contents.append(data)
+                yield Case(kind, INFER, request.SerializeToString(),
+                           frozenset({C.OK}) if valid else BAD)
         elif kind == "model_infer":
             request = _model_infer(rng, model, shape, CORPUS["PNG"])
             yield Case(kind, INFER, request.SerializeToString(),
@@ -320,6 +368,116 @@ def hostile_cases(seed: int, count: int, shape: tuple[int, int, int] = (3, 32, 3
             yield Case(kind, "GetModelInfo", b"", frozenset({C.OK}))
 
 
+def nonfinite_fields(message, path: str = "") -> list[str]:  # noqa: ANN001
+    """Return the paths of every NaN or Inf float/double in a protobuf message (nested
+    messages, repeated fields and maps included); [] when all are finite."""
+    found: list[str] = []
+    for descriptor, value in message.ListFields():
+        name = f"{path}{descriptor.name}"
+        if descriptor.message_type is not None and descriptor.message_type.GetOptions().map_entry:
+            items = list(value.items())
+            value_field = descriptor.message_type.fields_by_name["value"]
+            for key, item in items:
+                if value_field.message_type is not None:
+                    found += nonfinite_fields(item, f"{name}[{key}].")
+                elif isinstance(item, float) and not math.isfinite(item):
+                    found.append(f"{name}[{key}]")
+            continue
+        values = list(value) if descriptor.is_repeated else [value]
+        if descriptor.message_type is not None:
+            for k, item in enumerate(values):
+                found += nonfinite_fields(item, f"{name}[{k}]." if descriptor.is_repeated
+                                          else f"{name}.")
+        elif descriptor.type in (descriptor.TYPE_FLOAT, descriptor.TYPE_DOUBLE):
+            found += [name for v in values if not math.isfinite(v)]
+    return found
+
+
+MARKERS = {"nan": (255, 0, None), "inf": (255, 255, None), "gradient": (0, 255, 0)}
+"""tests/nonfinite_model.py's markers as 8-bit pixel values of channel 0, row 0."""
+
+
+def _marked_png(rng: np.random.Generator, marker: str | None) -> tuple[np.ndarray, bytes]:
+    """A 32 × 32 RGB image (uint8 and PNG) with a marker, or none (pixel 0 set to 128)."""
+    pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    pixels[0, 0, 0] = 128
+    for k, value in enumerate(MARKERS[marker] if marker else ()):
+        if value is not None:
+            pixels[0, k, 0] = value
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buffer, "PNG")
+    return pixels, buffer.getvalue()
+
+
+def nonfinite_model_cases(seed: int, count: int, model: str = "nonfinite") -> Iterator[Case]:
+    """Yield `count` valid requests to a server of tests/nonfinite_model.py, a third of them
+    with markers that make its output NaN or Inf: a marked item answers INVALID_ARGUMENT
+    (alone, in a batch), never OK with NaN; an unmarked one answers OK."""
+    rng = np.random.default_rng(seed)
+    kinds = ["marked_check", "marked_tensor", "marked_batch", "marked_infer",
+             "marked_diagnose"]
+    markers = [None, None, None, None, "nan", "inf", "gradient"]
+
+    def pick() -> str | None:
+        return markers[int(rng.integers(len(markers)))]
+
+    def allowed(marker: str | None) -> frozenset:
+        if marker is None:
+            return frozenset({C.OK})
+        return BAD if marker in ("nan", "inf") else frozenset({C.OK, C.INVALID_ARGUMENT})
+
+    for i in range(count):
+        kind = kinds[i % len(kinds)] if i < len(kinds) else kinds[int(rng.integers(len(kinds)))]
+        marker = pick()
+        pixels, png = _marked_png(rng, marker)
+        options = {str(rng.choice(["prediction_only", "verdict_only", "return_heatmaps",
+                                   "label"])): True} if rng.random() < 0.5 else {}
+        if "label" in options:
+            options["label"] = int(rng.integers(10))
+        if kind == "marked_check":
+            yield Case(kind, "Check", _check(pb.Image(encoded=png), **options), allowed(marker))
+        elif kind == "marked_tensor":
+            image = _tensor([3, 32, 32], pixels.transpose(2, 0, 1) / 255.0)
+            yield Case(kind, "Check", _check(image, **options), allowed(marker))
+        elif kind == "marked_batch":
+            items = [pb.CheckRequest(image=pb.Image(encoded=_marked_png(rng, pick())[1]),
+                                     **options) for _ in range(int(rng.integers(1, 6)))]
+            yield Case(kind, "CheckBatch",
+                       pb.CheckBatchRequest(requests=items).SerializeToString(),
+                       frozenset({C.OK}))
+        elif kind == "marked_infer":
+            chosen = [marker, *(pick() for _ in range(int(rng.integers(0, 4))))]
+            batch = np.stack([_marked_png(rng, m)[0] for m in chosen]).transpose(0, 3, 1, 2)
+            request = oip.ModelInferRequest(model_name=model)
+            request.inputs.add(name="tensor", datatype="FP32", shape=list(batch.shape))
+            request.raw_input_contents.append((batch / 255.0).astype("<f4").tobytes())
+            worst = ("nan" if any(m in ("nan", "inf") for m in chosen)
+                     else "gradient" if "gradient" in chosen else None)
+            yield Case(kind, INFER, request.SerializeToString(), allowed(worst))
+        else:
+            request = pb.DiagnoseRequest(image=pb.Image(encoded=png),
+                                         max_steps=int(rng.integers(1, 6)))
+            yield Case(kind, "Diagnose", request.SerializeToString(),
+                       allowed(marker) | {C.RESOURCE_EXHAUSTED})
+
+
+ANSWER_TYPES = {"Check": pb.CheckResponse, "CheckBatch": pb.CheckBatchResponse,
+                "Diagnose": pb.DiagnoseEvent, "GetModelInfo": pb.ModelInfo,
+                "Feedback": pb.FeedbackResponse, INFER: oip.ModelInferResponse}
+
+
+def nonfinite_in_answer(rpc: str, answer: bytes) -> list[str]:
+    """Return where an answer's serialized bytes hold NaN or Inf (typed fields, and the Open
+    Inference Protocol's raw FP32 outputs)."""
+    message = ANSWER_TYPES[rpc].FromString(answer)
+    found = nonfinite_fields(message)
+    if rpc == INFER:
+        for out, raw in zip(message.outputs, message.raw_output_contents, strict=False):
+            if out.datatype == "FP32" and not np.isfinite(np.frombuffer(raw, "<f4")).all():
+                found.append(f"raw_output_contents[{out.name}]")
+    return found
+
+
 @dataclass
 class FuzzReport:
     """What a run saw."""
@@ -338,24 +496,31 @@ def run_cases(channel: grpc.Channel, cases: list[Case], threads: int = 8) -> Fuz
 
     def one(case: Case) -> None:
         code = C.OK
+        answers: list[bytes] = []
         try:
             if case.rpc == "Diagnose":
                 call = channel.unary_stream(SERVICE + "Diagnose", **identity)(
                     case.payload, timeout=case.timeout)
                 if case.cancel_after is not None:
                     threading.Timer(case.cancel_after, call.cancel).start()
-                for _ in call:
-                    pass
+                for event in call:
+                    answers.append(event)
             else:
                 path = case.rpc if case.rpc.startswith("/") else SERVICE + case.rpc
-                channel.unary_unary(path, **identity)(case.payload, timeout=case.timeout)
+                answers.append(channel.unary_unary(path, **identity)(case.payload,
+                                                                     timeout=case.timeout))
         except grpc.RpcError as err:
             code = err.code()
+        # Every answer that came back, whatever the final status: no NaN or Inf in it.
+        bad = [field for answer in answers for field in nonfinite_in_answer(case.rpc, answer)]
         with lock:
             codes[(case.kind, code.name)] += 1
             if code in FORBIDDEN or code not in case.allowed:
                 violations.append(f"{case.kind} {case.rpc}: {code.name} "
                                   f"(allowed {sorted(c.name for c in case.allowed)})")
+            if bad:
+                violations.append(f"{case.kind} {case.rpc}: {code.name} answer holds "
+                                  f"non-finite numbers at {bad[:5]}")
 
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(one, cases))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from fuzzing import FUZZ_KEY_ID, FUZZ_SECRET, hostile_cases, run_cases
+from fuzzing import FUZZ_KEY_ID, FUZZ_SECRET, hostile_cases, nonfinite_model_cases, run_cases
 
 from axguard_client import AxguardClient
 from conftest import EXAMPLES, ROOT
@@ -30,20 +30,19 @@ def rss_mib(pid: int) -> float:
     raise KeyError("VmRSS")
 
 
-@pytest.fixture(scope="module")
-def server_process(tmp_path_factory):
+def start_server(folder: Path, *args: str, env: dict[str, str] | None = None
+                 ) -> tuple[subprocess.Popen, str, Path]:
+    """Start `axguard serve` in its own process on a free port; wait until it answers a
+    Check; return (process, target, its log file)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    folder = tmp_path_factory.mktemp("fuzz")
     log = folder / "server.log"
-    keys = folder / "receipt-keys"
-    keys.write_text(f"{FUZZ_KEY_ID} {FUZZ_SECRET}\n")
-    stderr = open(log, "w")  # noqa: SIM115  (closed at teardown)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "axguard.cli", "serve", "--port", str(port), "--metrics-port",
-         "0", "--log-level", "WARNING", "--feedback-key-file", str(keys)], cwd=ROOT,
-        stdout=subprocess.DEVNULL, stderr=stderr)
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "axguard.cli", "serve", "--port", str(port),
+             "--metrics-port", "0", "--log-level", "WARNING", *args], cwd=ROOT,
+            stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ, **(env or {})})
     target = f"127.0.0.1:{port}"
     with AxguardClient(target, timeout=5) as client:
         deadline = time.time() + 120
@@ -56,12 +55,49 @@ def server_process(tmp_path_factory):
                 assert proc.poll() is None, log.read_text()
                 assert time.time() < deadline, "server did not start"
                 time.sleep(0.3)
-    yield proc, target
+    return proc, target, log
+
+
+def stop_server(proc: subprocess.Popen, log: Path) -> None:
     proc.terminate()
     proc.wait(30)
-    stderr.close()
     # Nothing the fuzz sent is the server's bug: no unexpected error was logged.
     assert '"rpc_failed"' not in log.read_text()
+
+
+@pytest.fixture(scope="module")
+def server_process(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fuzz")
+    keys = folder / "receipt-keys"
+    keys.write_text(f"{FUZZ_KEY_ID} {FUZZ_SECRET}\n")
+    proc, target, log = start_server(folder, "--feedback-key-file", str(keys))
+    yield proc, target
+    stop_server(proc, log)
+
+
+@pytest.fixture(scope="module")
+def nonfinite_server(tmp_path_factory):
+    """A user's model whose outputs are NaN or Inf for marked images (nonfinite_model.py)."""
+    import torch
+    from nonfinite_model import MEAN, STD, demo_weights
+
+    from axguard.demo.bundle import ASSETS
+
+    folder = tmp_path_factory.mktemp("fuzz-nonfinite")
+    torch.save(demo_weights(), folder / "weights.pt")
+    config = folder / "axguard.yaml"
+    config.write_text(
+        "model:\n  source: nonfinite_model:build\n"
+        f"  weights: {folder / 'weights.pt'}\n  classes: {ASSETS / 'classes.txt'}\n"
+        f"  input_size: [32, 32]\n  mean: [{MEAN}, {MEAN}, {MEAN}]\n"
+        f"  std: [{STD}, {STD}, {STD}]\n  name: nonfinite\n"
+        "calibration: none\n")
+    tests = str(ROOT / "tests")
+    path = os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH", "")) if p)
+    proc, target, log = start_server(folder, "--config", str(config),
+                                     env={"PYTHONPATH": path})
+    yield proc, target
+    stop_server(proc, log)
 
 
 def test_hostile_requests_get_documented_codes_and_the_server_keeps_serving(server_process):
@@ -78,7 +114,7 @@ def test_hostile_requests_get_documented_codes_and_the_server_keeps_serving(serv
     assert report.violations == [], report.violations[:20]
     assert report.sent == REQUESTS and sum(report.codes.values()) == REQUESTS
     kinds = {kind for kind, _ in report.codes}
-    assert len(kinds) == 19  # every kind of case was sent
+    assert len(kinds) == 20  # every kind of case was sent
     infer_codes = {code for kind, code in report.codes if kind == "model_infer"}
     assert {"OK", "INVALID_ARGUMENT", "NOT_FOUND"} <= infer_codes, infer_codes
     with AxguardClient(target, timeout=30) as client:
@@ -92,3 +128,27 @@ def test_hostile_requests_get_documented_codes_and_the_server_keeps_serving(serv
                    "codes": {f"{k} {c}": n for (k, c), n in sorted(report.codes.items())},
                    "violations": len(report.violations)}
         Path(REPORT).write_text(json.dumps(summary, indent=1) + "\n")
+
+
+def test_a_model_that_returns_nan_or_inf_never_answers_ok_with_them(nonfinite_server):
+    """Valid requests to a user's model that is not finite on some inputs: those items get
+    INVALID_ARGUMENT (alone in a batch), every OK answer holds only finite numbers, and the
+    server keeps serving (make fuzz: AXGUARD_FUZZ_REQUESTS // 5 of them)."""
+    proc, target = nonfinite_server
+    count = max(REQUESTS // 5, 100)
+    cases = list(nonfinite_model_cases(seed=0, count=count))
+    with grpc.insecure_channel(target) as channel:
+        report = run_cases(channel, cases)
+    assert proc.poll() is None, "the server died"
+    assert report.violations == [], report.violations[:20]
+    codes = {code for _, code in report.codes}
+    assert {"OK", "INVALID_ARGUMENT"} <= codes, report.codes
+    assert len({kind for kind, _ in report.codes}) == 5
+    with AxguardClient(target, timeout=30) as client:
+        assert client.check(EXAMPLES / "digit_3.png").prediction.class_name == "3"
+    if REPORT:
+        path = Path(REPORT).with_name("fuzz_nonfinite.json")
+        path.write_text(json.dumps({
+            "requests": report.sent, "violations": len(report.violations),
+            "codes": {f"{k} {c}": n for (k, c), n in sorted(report.codes.items())}},
+            indent=1) + "\n")

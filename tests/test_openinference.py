@@ -238,7 +238,7 @@ def test_request_level_errors(stub, demo_server, digits):
     assert err.value.details().startswith("inputs: has 0 inputs")
 
 
-def test_uncalibrated_risk_is_nan_and_nothing_is_flagged(demo_bundle, digits):
+def test_uncalibrated_risk_is_zero_never_nan_and_nothing_is_flagged(demo_bundle, digits):
     from axguard.engine import Engine
 
     server = RunningServer(Engine(demo_bundle))
@@ -248,7 +248,7 @@ def test_uncalibrated_risk_is_nan_and_nothing_is_flagged(demo_bundle, digits):
                              bytes_input(digits[:2]))
         out = decoded(response)
         assert not response.parameters["calibrated"].bool_param
-        assert np.isnan(out["risk"]).all() and not out["likely_wrong"].any()
+        assert (out["risk"] == 0).all() and not out["likely_wrong"].any()
     finally:
         server.stop()
 

@@ -22,7 +22,7 @@ from .batching import Arrival, DynamicBatcher
 from .config import Settings
 from .diagnoser import Diagnoser
 from .engine import CheckItem, CheckResult, Engine
-from .errors import ConfigError, DeadlineExceeded, InvalidInput, NotReady
+from .errors import ConfigError, DeadlineExceeded, InvalidInput, NonFiniteOutput, NotReady
 from .gax import GaxOptions, GaxStep
 from .live import LabelOutcome, LiveQuality
 from .metrics import Metrics
@@ -123,15 +123,38 @@ class DataPlane:
         return self.engine.resolve(item)
 
     def check(self, items: list[CheckItem], request_ids: list[str], *,
-              timeout: float | None, arrival: Arrival | None, started: float
-              ) -> tuple[list[CheckResult], list[str]]:
-        """Run resolved items through the batcher; record their metrics and drift; return
-        (results, receipts) in order. `started`: time.perf_counter() at the request's start."""
+              timeout: float | None, arrival: Arrival | None, started: float,
+              all_or_none: bool = False) -> tuple[list[CheckResult], list[str]]:
+        """Run resolved items through the batcher; record the metrics and drift of the
+        answered ones; return (results, receipts) in order. `started`: time.perf_counter()
+        at the request's start.
+
+        An item whose model output was not finite comes back as a result with `error` set
+        (its receipt ""), logged with its request id and counted by the engine
+        (axguard_nonfinite_outputs_total); nothing of it reaches metrics or drift. With
+        `all_or_none` (an API with no per-item errors) the first such error is raised
+        instead, before anything is recorded.
+        """
         results = self.batcher.check(items, timeout=timeout, arrival=arrival)
         total = time.perf_counter() - started
-        for result in results:
+        answered: list[CheckResult] = []
+        answered_ids: list[str] = []
+        for result, request_id in zip(results, request_ids, strict=True):
+            if result.error is not None:
+                log.warning("check_output_not_finite", extra={
+                    "request_id": request_id, "stage": result.error.stage})
+            else:
+                answered.append(result)
+                answered_ids.append(request_id)
+        if all_or_none and len(answered) < len(results):
+            index, failed = next((i, r.error) for i, r in enumerate(results)
+                                 if r.error is not None)
+            failed.index = index
+            raise failed
+        for result in answered:
             self.metrics.observe_check(result, result.timing.queue_ms, total)
-        return results, self.live.observe(results, request_ids)
+        signed = iter(self.live.observe(answered, answered_ids))
+        return results, ["" if r.error is not None else next(signed) for r in results]
 
     def feedback(self, items: list[tuple[str, int]], request_id: str) -> list[LabelOutcome]:
         """Verify and count (receipt, label) pairs; log refusals and the totals."""
@@ -197,6 +220,8 @@ class DataPlane:
                 f"{options.max_steps} steps; allow more time or fewer max_steps",
                 field="diagnose")
         logits = diagnoser.predict(torch.stack([image, image + last.heatmap]))
+        if not torch.isfinite(logits).all():
+            raise NonFiniteOutput("logits")
         metrics = self.metrics
         metrics.diagnose_duration.labels(metrics.model).observe(last.seconds)
         metrics.diagnose_steps.labels(metrics.model,

@@ -7,7 +7,9 @@ normalised by their global max|h|; then every extra input (AX inputs of each req
 method/AX-process pair, the verdict's counterfactuals, perturbations and views) goes
 through one batched forward. CO scores (paper eq. 5) are label-free (κ from ŷ) and, where a
 label was given, also the paper's labelled score. The verdict computes exactly the evidence
-families of the loaded calibration (verdict.py).
+families of the loaded calibration (verdict.py). An item whose logits, heatmap, CO score or
+verdict is not finite comes back as CheckResult.failed (NonFiniteOutput): no NaN or Inf
+ever leaves the engine, and the other items of the batch are unaffected.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 
 from . import attribution, evidence, scoring
 from .calibration.artifact import CalibrationArtifact, check_matches
-from .errors import ConfigError, InvalidInput
+from .errors import ConfigError, InvalidInput, NonFiniteOutput
 from .model import ModelBundle
 from .sharedpass import SharedPass, finish_heatmap, rule_of
 from .verdict import Evidence, Family
@@ -119,6 +121,15 @@ class CheckResult:
     heatmaps: dict[str, torch.Tensor] = field(default_factory=dict)
     verdict: Verdict = field(default_factory=Verdict)
     timing: StageTiming = field(default_factory=StageTiming)
+    error: NonFiniteOutput | None = None
+    """Set when the model's output for this image was not finite; every number above is
+    then empty (never NaN or Inf) and the item must be answered with the error."""
+
+    @classmethod
+    def failed(cls, error: NonFiniteOutput, timing: StageTiming) -> CheckResult:
+        """Return the result of an item whose outputs were not finite: no numbers."""
+        return cls(class_index=-1, class_name="", probability=0.0, logits=[],
+                   probabilities=[], scores=[], timing=timing, error=error)
 
 
 @dataclass(frozen=True)
@@ -177,6 +188,26 @@ def _take(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
     if len(rows) == len(x) and rows == list(range(len(x))):
         return x
     return x[rows]
+
+
+class _Failures:
+    """Rows of a batch whose outputs are not finite, each with the first stage (errors.
+    OUTPUT_STAGES) where one was not. One host copy per checked tensor."""
+
+    def __init__(self) -> None:
+        self.stage: dict[int, str] = {}
+
+    def mark(self, rows: Sequence[int], finite: torch.Tensor | np.ndarray, stage: str) -> None:
+        """Record the rows whose `finite` entry (one per row) is False."""
+        ok = finite.cpu().numpy() if isinstance(finite, torch.Tensor) else np.asarray(finite)
+        if not ok.all():
+            for k in np.flatnonzero(~ok):
+                self.stage.setdefault(rows[int(k)], stage)
+
+
+def finite_rows(values: torch.Tensor) -> torch.Tensor:
+    """Return (N,) bool: True where every value of row n of an (N, ...) tensor is finite."""
+    return torch.isfinite(values.reshape(len(values), -1)).all(dim=1)
 
 
 @dataclass
@@ -261,6 +292,9 @@ class Engine:
         self._shared_heatmaps = shared_pass
         self.zero_heatmaps: dict[str, int] = {}
         """All-zero heatmaps seen so far, by method (their scores were set to 0)."""
+        self.nonfinite_outputs: dict[str, int] = {}
+        """Items failed because an output was not finite, by the first such stage
+        (errors.OUTPUT_STAGES)."""
         self.backward_passes = 0
         """Backward passes run so far (a plan without gradient evidence adds none)."""
         self.calibration = calibration
@@ -349,23 +383,28 @@ class Engine:
         x = torch.stack([item.image for item in requested]).to(self.bundle.device,
                                                                  torch.float32)
         batch = plan_batch(requested, plan)
+        failures = _Failures()
         start = time.perf_counter()
         fwd = self._forward(x, batch)
+        failures.mark(range(len(requested)), finite_rows(fwd.logits), "logits")
         after_forward = time.perf_counter()
         own, second, plain = self._backward(x, fwd.leaf, fwd.graph_logits, fwd.logits,
                                             fwd.predicted, fwd.runner_up, batch.own_rows,
                                             batch.plan, batch.judged)
+        for heatmaps in own.values():
+            failures.mark(heatmaps.rows, finite_rows(heatmaps.normalised), "heatmap")
         fwd.leaf = fwd.graph_logits = None  # free the graph before the extra forwards
         after_attribution = time.perf_counter()
         extra = self._extra_forward(x, batch, own, second, plain)
-        scores, co = self._scores(requested, batch, own, extra, fwd)
+        scores, co = self._scores(requested, batch, own, extra, fwd, failures)
         batch_evidence = self._evidence(batch, fwd, plain, extra, co, len(requested))
-        verdicts = self._verdicts(len(requested), batch.judged, batch_evidence)
+        verdicts = self._verdicts(len(requested), batch.judged, batch_evidence, failures)
         timing = StageTiming(forward_ms=(after_forward - start) * 1e3,
                              attribution_ms=(after_attribution - after_forward) * 1e3,
                              ax_ms=(time.perf_counter() - after_attribution) * 1e3,
                              batch_size=len(requested))
-        return self._results(requested, fwd, own, scores, verdicts, timing), batch_evidence
+        return (self._results(requested, fwd, own, scores, verdicts, timing, failures),
+                batch_evidence)
 
     def _forward(self, x: torch.Tensor, batch: _BatchPlan) -> _Forward:
         """The batch's one forward: recorded when any backward pass will need it."""
@@ -407,10 +446,11 @@ class Engine:
         return {key: out for (key, _), out in zip(chunks, outputs, strict=True)}
 
     def _scores(self, requested: list[CheckItem], batch: _BatchPlan,
-                own: dict[str, _Heatmaps], extra: dict[tuple, torch.Tensor], fwd: _Forward
+                own: dict[str, _Heatmaps], extra: dict[tuple, torch.Tensor], fwd: _Forward,
+                failures: _Failures
                 ) -> tuple[list[list[MethodScore]], dict[tuple[str, str], np.ndarray]]:
         """Each item's CO scores in the order it asked for them, and the verdict's CO
-        features of the judged rows."""
+        features of the judged rows; rows with a non-finite score go to `failures`."""
         num_classes = self.bundle.num_classes
         scores: list[list[MethodScore]] = [[] for _ in requested]
         labels = [item.label for item in requested]
@@ -431,7 +471,12 @@ class Engine:
             # One device-to-host copy per tensor, not one per row.
             free_cpu = free.cpu()
             free_rows, zero_rows = free_cpu.tolist(), zero.cpu().tolist()
-            labelled_rows = labelled.cpu().tolist() if labelled is not None else None
+            labelled_cpu = labelled.cpu() if labelled is not None else None
+            labelled_rows = labelled_cpu.tolist() if labelled_cpu is not None else None
+            finite = np.isfinite(free_cpu.numpy())
+            if labelled_cpu is not None:
+                finite &= np.isfinite(labelled_cpu.numpy())
+            failures.mark(rows, finite, "co_score")
             if (method, process) in batch.plan.co_pairs:
                 co[(method, process)] = free_cpu.numpy()[[rows.index(i) for i in batch.judged]]
             for k, i in enumerate(rows):
@@ -474,18 +519,30 @@ class Engine:
 
     def _results(self, requested: list[CheckItem], fwd: _Forward, own: dict[str, _Heatmaps],
                  scores: list[list[MethodScore]], verdicts: list[Verdict],
-                 timing: StageTiming) -> list[CheckResult]:
-        """One CheckResult per item (host copies made once per tensor)."""
+                 timing: StageTiming, failures: _Failures) -> list[CheckResult]:
+        """One CheckResult per item (host copies made once per tensor); an item with a
+        non-finite output gets CheckResult.failed instead of numbers."""
         probabilities = torch.softmax(fwd.logits, dim=1)
         logits_rows, probs_rows = fwd.logits.cpu().tolist(), probabilities.cpu().tolist()
         classes = fwd.predicted.cpu().tolist()
         results = []
+        for stage in failures.stage.values():
+            self.nonfinite_outputs[stage] = self.nonfinite_outputs.get(stage, 0) + 1
+        if failures.stage:
+            log.warning("nonfinite_output", extra={"count": len(failures.stage),
+                                                   "stages": sorted(set(failures.stage.values()))})
         for i, item in enumerate(requested):
+            if i in failures.stage:
+                results.append(CheckResult.failed(
+                    NonFiniteOutput(failures.stage[i]),
+                    StageTiming(timing.forward_ms, timing.attribution_ms, timing.ax_ms, 0.0,
+                                timing.batch_size)))
+                continue
             cls = classes[i]
             maps = {}
             if item.return_heatmaps:
                 for name in item.methods:
-                    maps[name] = own[name].of([i])[0][0].cpu()
+                    maps[name] = own[name].of([i])[0][0].cpu()  # finite: checked above
             results.append(CheckResult(
                 class_index=cls,
                 class_name=self.bundle.class_names[cls],
@@ -582,15 +639,22 @@ class Engine:
                              for part in joined.split(EXTRA_FORWARD_CHUNK)])
         return list(out.split(sizes))
 
-    def _verdicts(self, count: int, judged: list[int], batch: Evidence | None
-                  ) -> list[Verdict]:
-        """Return each item's verdict from the calibration (uncalibrated without one)."""
+    def _verdicts(self, count: int, judged: list[int], batch: Evidence | None,
+                  failures: _Failures) -> list[Verdict]:
+        """Return each item's verdict from the calibration (uncalibrated without one); rows
+        whose risk or a feature is not finite go to `failures`."""
         verdicts = [Verdict() for _ in range(count)]
         artifact = self.calibration
         if artifact is None or batch is None:
             return verdicts
-        risk, wrong, features = artifact.flag.verdicts(batch)
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            # A non-finite row is found just below and fails alone; numpy need not warn.
+            risk, wrong, features = artifact.flag.verdicts(batch)
         names = list(features)
+        finite = np.isfinite(risk)
+        for values in features.values():
+            finite &= np.isfinite(values)
+        failures.mark(judged, finite, "verdict")
         rows = zip(*(features[n].tolist() for n in names), strict=True)  # one list per feature
         threshold, calibration_id = artifact.flag.threshold, artifact.calibration_id
         for i, r, w, values in zip(judged, risk.tolist(), wrong.tolist(), rows, strict=True):

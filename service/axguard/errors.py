@@ -2,8 +2,9 @@
 
     AxguardError
     ├── InvalidInput        the caller sent something unusable (names the field)
+    │   ├── UnknownMethod   an attribution method that does not exist or this model lacks
+    │   └── NonFiniteOutput the model's output for this input is not finite
     ├── InputTooLarge       the input exceeds a configured limit
-    ├── UnknownMethod       an attribution method that does not exist or this model lacks
     ├── Busy                a bounded pool (diagnoses) is full: retry later
     ├── NotReady            the model is not loaded or warmed up yet
     ├── DeadlineExceeded    the caller's deadline passed while the request waited
@@ -42,6 +43,23 @@ class InputTooLarge(AxguardError):
 
 class UnknownMethod(InvalidInput):
     """An attribution method that is unknown, or unavailable for this model."""
+
+
+OUTPUT_STAGES = ("logits", "heatmap", "co_score", "verdict")
+"""Where a non-finite output can show, in the order a check computes them."""
+
+
+class NonFiniteOutput(InvalidInput):
+    """The served network's output for this input is not finite: its logits, a heatmap, a
+    CO score or a verdict feature is NaN or Inf. The input is valid pixels; the item fails
+    instead of answering with such numbers (the other items of a batch are answered)."""
+
+    def __init__(self, stage: str, *, field: str | None = "image") -> None:
+        super().__init__(f"the model's output for this input is not finite ({stage})",
+                         field=field)
+        self.stage = stage
+        self.index: int | None = None
+        """The item's position in its request, where an API answers a batch as a whole."""
 
 
 class Busy(AxguardError):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from .errors import OUTPUT_STAGES
+
 # CO scores of typical CNNs lie within ±100 (demo: 10–60; the paper's ImageNet target 48).
 CO_BUCKETS = (-50, -20, -10, -5, 0, 5, 10, 20, 30, 40, 50, 60, 80, 100, 150)
 RISK_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.99)
@@ -164,7 +166,13 @@ class EngineCollector:
                                        "Checks refused because the queue was full.",
                                        labels=["model"])
         rejected.add_metric([self.model], self.batcher.stats.rejected)
-        yield from (zero, captum, depth, rejected)
+        nonfinite = CounterMetricFamily(
+            "axguard_nonfinite_outputs", "Checks failed because the model's output for the "
+            "input was not finite, by the first stage where it was not.",
+            labels=["model", "stage"])
+        for stage in OUTPUT_STAGES:  # every series from 0, so rate() sees the first one
+            nonfinite.add_metric([self.model, stage], self.engine.nonfinite_outputs.get(stage, 0))
+        yield from (zero, captum, depth, rejected, nonfinite)
 
 
 class LiveQualityCollector:

@@ -4,12 +4,12 @@ port as axguard.v1, so Triton and KServe clients call axguard unchanged.
 The served model is the one model, under its name and version. Inputs: `image` (BYTES,
 shape [N] or [N, 1], encoded images) or `tensor` (FP32, [N, C, H, W] in [0, 1]). Outputs,
 each returned only when requested (all but `receipt` when none are named): `class_index`
-(INT32 [N]), `probabilities` and `logits` (FP32 [N, C]), `risk` (FP32 [N]; NaN without a
-calibration), `likely_wrong` (BOOL [N]), `co_scores` (FP32 [N, K]; its `columns` parameter
-names the K method/AX-process pairs) and `receipt` (BYTES [N], for Feedback). Request
-parameters: `methods` and `ax_processes` (comma-separated strings), `prediction_only`
-(bool). Contents come typed (`contents`) or raw (`raw_input_contents`, as Triton's client
-sends them); the answer uses the same form.
+(INT32 [N]), `probabilities` and `logits` (FP32 [N, C]), `risk` (FP32 [N]; 0 without a
+calibration, as in axguard.v1: never NaN), `likely_wrong` (BOOL [N]), `co_scores` (FP32
+[N, K]; its `columns` parameter names the K method/AX-process pairs) and `receipt` (BYTES
+[N], for Feedback). Request parameters: `methods` and `ax_processes` (comma-separated
+strings), `prediction_only` (bool). Contents come typed (`contents`) or raw
+(`raw_input_contents`, as Triton's client sends them); the answer uses the same form.
 
 Pure translation: the items go through the same dynamic batcher as Check, errors are the
 engine's (one status table in server.py) with messages naming the input.
@@ -18,7 +18,6 @@ engine's (one status table in server.py) with messages naming the input.
 from __future__ import annotations
 
 import json
-import math
 import struct
 import time
 from collections.abc import Sequence
@@ -33,7 +32,7 @@ from . import __version__, scoring
 from .converters import image_from_encoded
 from .dataplane import DataPlane
 from .engine import DEFAULT_AX_PROCESSES, CheckItem, CheckResult
-from .errors import InputTooLarge, InvalidInput, NotFound
+from .errors import InputTooLarge, InvalidInput, NonFiniteOutput, NotFound
 from .oip import open_inference_grpc_pb2 as oip
 from .oip import open_inference_grpc_pb2_grpc as oip_grpc
 from .preprocess import tensor_batch_from_bytes
@@ -218,7 +217,9 @@ def output_values(name: str, results: list[CheckResult], receipts: list[str]) ->
     if name == "logits":
         return np.array([r.logits for r in results], dtype="<f4")
     if name == "risk":
-        return np.array([r.verdict.risk if r.verdict.calibrated else math.nan
+        # Without a calibration 0, as axguard.v1's Verdict (the `calibrated` parameter says
+        # which): no answer carries NaN.
+        return np.array([r.verdict.risk if r.verdict.calibrated else 0.0
                          for r in results], dtype="<f4")
     if name == "likely_wrong":
         return np.array([r.verdict.likely_wrong for r in results], dtype=bool)
@@ -339,9 +340,14 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
                                              prediction_only=options.prediction_only,
                                              image_checked=True))
                      for image in images]
-            results, receipts = plane.check(
-                items, [f"{request_id}-{i}" for i in range(len(items))],
-                timeout=context.time_remaining(), arrival=arrival, started=start)
+            try:  # one answer for the whole tensor: an item that fails fails the request
+                results, receipts = plane.check(
+                    items, [f"{request_id}-{i}" for i in range(len(items))],
+                    timeout=context.time_remaining(), arrival=arrival, started=start,
+                    all_or_none=True)
+            except NonFiniteOutput as err:
+                err.field = f"inputs[0][{err.index}]"
+                raise
         bundle = self.engine.bundle
         response = oip.ModelInferResponse(model_name=bundle.name, model_version=bundle.version,
                                           id=request.id)

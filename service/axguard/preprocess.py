@@ -106,8 +106,33 @@ def _flatten_alpha(image: Image.Image) -> Image.Image:
     return image
 
 
+MODE_RANGES = {"I": (0.0, 65535.0), "F": (0.0, 1.0)}
+"""The pixel values each wide mode accepts; every other mode's values are in range by type
+(8-bit: 0..255, I;16: 0..65535). "I" (32-bit integers, also signed 16-bit TIFFs) is read
+as 16-bit data, "F" (32/64-bit float TIFFs) as pixel values already in [0, 1]."""
+
+
+def check_pixel_values(image: Image.Image) -> None:
+    """Raise InvalidInput unless every pixel of a wide-mode image is finite and within
+    MODE_RANGES (nothing to check for the other modes)."""
+    if image.mode not in MODE_RANGES:
+        return
+    arr = np.asarray(image)
+    if arr.size == 0:
+        return
+    if image.mode == "F" and not np.isfinite(arr).all():
+        raise InvalidInput("pixels of a float image (mode F) contain NaN or Inf")
+    low, high = MODE_RANGES[image.mode]
+    found_low, found_high = float(arr.min()), float(arr.max())
+    if found_low < low or found_high > high:
+        raise InvalidInput(
+            f"pixels of a mode {image.mode} image must lie in [{low:g}, {high:g}], found "
+            f"[{found_low:.4g}, {found_high:.4g}]")
+
+
 def _to_unit_array(image: Image.Image) -> np.ndarray:
-    """Return (H, W, K) float32 in [0, 1] for any PIL mode (8-bit, 16-bit, 32-bit int/float)."""
+    """Return (H, W, K) float32 in [0, 1] for any PIL mode (8-bit, 16-bit, 32-bit int/float)
+    whose pixels passed check_pixel_values."""
     image = _flatten_alpha(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         return (np.asarray(image, dtype=np.float32) / 65535.0)[..., None]
@@ -124,7 +149,12 @@ def _to_unit_array(image: Image.Image) -> np.ndarray:
 
 
 def image_to_tensor(image: Image.Image, spec: InputSpec) -> torch.Tensor:
-    """Return the model input for a PIL image: (C, H, W) float32 in [0, 1]."""
+    """Return the model input for a PIL image: (C, H, W) float32 in [0, 1].
+
+    Raises InvalidInput (no field: the caller names it) for pixels outside the range their
+    mode allows, NaN or Inf (check_pixel_values), checked before any resampling could hide
+    them."""
+    check_pixel_values(image)
     arr = _to_unit_array(_shrink(image, spec))
     tensor = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
     if tensor.shape[0] == 1 and spec.channels == 3:
@@ -137,6 +167,8 @@ def image_to_tensor(image: Image.Image, spec: InputSpec) -> torch.Tensor:
             tensor[None], size=(spec.height, spec.width), mode="bilinear",
             align_corners=False, antialias=True,
         )[0]
+    if not torch.isfinite(tensor).all():  # cannot happen after the check; never trusted
+        raise InvalidInput("the decoded pixels are not finite")
     return tensor.clamp(0.0, 1.0).contiguous()
 
 
@@ -145,7 +177,8 @@ def decode_image(
 ) -> torch.Tensor:
     """Return the model input for encoded PNG/JPEG/BMP/TIFF bytes.
 
-    Raises InvalidInput (naming `field`) for empty, corrupt or unsupported data, and
+    Raises InvalidInput (naming `field`) for empty, corrupt or unsupported data and for
+    pixels that are NaN, Inf or outside their mode's range (check_pixel_values), and
     InputTooLarge for images with more than `max_pixels` pixels.
     """
     if not data:
@@ -180,6 +213,9 @@ def decode_image(
         ) from err
     try:
         return image_to_tensor(image, spec)
+    except InvalidInput as err:
+        err.field = field
+        raise
     except MemoryError as err:
         raise InputTooLarge("converting needs more memory than is available",
                             field=field) from err

@@ -70,6 +70,8 @@ class ConfidenceServicer(pb_grpc.ConfidenceServiceServicer):
             (result,), (receipt,) = plane.check([item], [request_id],
                                                 timeout=context.time_remaining(),
                                                 arrival=arrival, started=start)
+        if result.error is not None:
+            raise result.error
         response = result_to_response(result, request_id, decode_ms=(decoded - start) * 1e3,
                                       total_ms=(time.perf_counter() - start) * 1e3)
         response.receipt = receipt
@@ -115,6 +117,12 @@ class ConfidenceServicer(pb_grpc.ConfidenceServiceServicer):
                                             arrival=arrival, started=start)
         total_ms = (time.perf_counter() - start) * 1e3
         for (i, sub_id, _), result, receipt in zip(good, results, receipts, strict=True):
+            if result.error is not None:
+                err = result.error
+                err.field = f"requests[{i}].{err.field}"
+                responses[i] = pb.CheckResponse(request_id=sub_id, error=pb.ItemError(
+                    code=status_for(err).value[0], message=err.message))
+                continue
             responses[i] = result_to_response(result, sub_id, decode_ms=(decoded - start) * 1e3,
                                               total_ms=total_ms)
             responses[i].receipt = receipt

@@ -13,10 +13,11 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from tqdm import tqdm
@@ -67,6 +68,7 @@ from .risk import (
 from .thresholds import GuaranteeUnavailable, error_recall_threshold, false_alarm_threshold
 
 DEFAULT_PAIRS = (("saliency", "sum"), ("deconvolution", "sum"))
+log = logging.getLogger(__name__)
 
 
 def all_pairs() -> list[tuple[str, str]]:
@@ -122,12 +124,15 @@ def candidate_families(engine: Engine, pairs: Sequence[tuple[str, str]],
 
 @dataclass
 class Collected:
-    """What the model did on every calibration image."""
+    """What the model did on every calibration image whose outputs were finite."""
 
     names: list[str]
     labels: np.ndarray
     evidence: Evidence
     co_labelled: dict[tuple[str, str], np.ndarray]
+    left_out: list[tuple[str, str]] = field(default_factory=list)
+    """(image name, stage) of the images left out because the model's output for them was
+    not finite (errors.OUTPUT_STAGES); averaging them in would make every statistic NaN."""
 
     @property
     def logits(self) -> np.ndarray:
@@ -177,24 +182,49 @@ def collect(engine: Engine, images: LabelledImages, pairs: Sequence[tuple[str, s
     base = plan or engine.plan
     plan = EvidencePlan(base.boundary, base.counterfactual, base.epsilons, base.views,
                         tuple(dict.fromkeys((*base.co_pairs, *pairs))))
-    parts, labels = [], []
+    parts, labels, names = [], [], []
+    left_out: list[tuple[str, str]] = []
     co_labelled: dict[tuple[str, str], list[float]] = {p: [] for p in pairs}
     batches = images.batches(engine.bundle.spec, batch_size)
     total = math.ceil(len(images) / batch_size)
+    start = 0
     for x, batch_labels in tqdm(batches, total=total, desc="calibrating", unit="batch",
                                 disable=not progress):
         results, batch = engine.check_with_evidence(
             [CheckItem(img, label=label, pairs=pairs)
              for img, label in zip(x, batch_labels, strict=True)], plan)
-        assert batch is not None
-        parts.append(batch)
-        labels += list(batch_labels)
-        for result in results:
-            by_pair = {(s.method, s.ax_process): s for s in result.scores}
+        assert batch is not None  # every item is judged: evidence rows = results
+        batch_names = images.names[start:start + len(results)]
+        start += len(results)
+        kept = [k for k, r in enumerate(results) if r.error is None]
+        left_out += [(batch_names[k], r.error.stage) for k, r in enumerate(results)
+                     if r.error is not None]
+        parts.append(batch if len(kept) == len(results) else batch.select(np.asarray(kept)))
+        labels += [batch_labels[k] for k in kept]
+        names += [batch_names[k] for k in kept]
+        for k in kept:
+            by_pair = {(s.method, s.ax_process): s for s in results[k].scores}
             for pair in pairs:
                 co_labelled[pair].append(by_pair[pair].labelled_score)
-    return Collected(images.names, np.asarray(labels), concat_evidence(parts),
-                     {p: np.asarray(v, dtype=float) for p, v in co_labelled.items()})
+    if left_out:
+        log.warning("calibration_images_left_out", extra={
+            "count": len(left_out), "first": [name for name, _ in left_out[:10]]})
+    if not labels:
+        raise InvalidInput(f"the model's output is not finite for every one of the "
+                           f"{len(left_out)} images", field="data")
+    return Collected(names, np.asarray(labels), concat_evidence(parts),
+                     {p: np.asarray(v, dtype=float) for p, v in co_labelled.items()},
+                     left_out)
+
+
+def left_out_note(left_out: list[tuple[str, str]]) -> list[str]:
+    """Return the note that names the images left out for non-finite outputs (none: [])."""
+    if not left_out:
+        return []
+    shown = ", ".join(f"{name} ({stage})" for name, stage in left_out[:10])
+    more = f" and {len(left_out) - 10} more" if len(left_out) > 10 else ""
+    return [f"{len(left_out)} images were left out because the model's output for them was "
+            f"not finite: {shown}{more}."]
 
 
 def split_for_guarantee(is_error: np.ndarray, mode: str, fit_fraction: float,
@@ -254,7 +284,12 @@ def calibrate(
     data = collect(engine, images, pairs, EvidencePlan.of(candidates),
                    batch_size=batch_size, progress=progress)
     is_error = data.is_error
-    features = features_of([msp_family, *candidates], data.evidence)
+    # The baselines every report compares against (MSP, margin, entropy, energy and the
+    # label-free CO scores) are measured whatever families are offered.
+    baselines = [Family(name="logit"), Family(name="co", pairs=tuple(
+        MethodPair(method=a, ax_process=b) for a, b in pairs))]
+    features = {**features_of(baselines, data.evidence),
+                **features_of([msp_family, *candidates], data.evidence)}
     labelled = {co_feature_name(meth, proc, labelled=True): v
                 for (meth, proc), v in data.co_labelled.items()}
 
@@ -350,7 +385,8 @@ def calibrate(
         key=lambda r: r.auroc_label_free, reverse=True,
     )
     correct_co = np.concatenate([data.evidence.co[p][~is_error] for p in pairs])
-    notes = _notes(is_error, fit_mask, by_name, paired, kept, skipped)
+    notes = left_out_note(data.left_out) + _notes(is_error, fit_mask, by_name, paired, kept,
+                                                  skipped)
     selection = Selection(
         rule=SELECTION_RULE, folds=folds, repeats=repeats, candidates=candidates,
         epsilon_grid=[float(e) for e in epsilons] if epsilon_aurocs else [],

@@ -9,7 +9,7 @@ from ..errors import ConfigError
 from ..verdict import Family, co_feature_name, error_sign, features_of
 from . import metrics as m
 from .artifact import Interval, PairedDifference
-from .calibrate import collect
+from .calibrate import collect, left_out_note
 from .datasets import LabelledImages
 
 
@@ -47,6 +47,8 @@ class Evaluation(BaseModel):
     flagged_share: float
     aurocs: list[ScoreAuroc]
     risk_vs_msp: PairedDifference
+    left_out: list[tuple[str, str]] = []
+    """(image, stage) of images left out: the model's output for them was not finite."""
 
 
 def evaluate(engine: Engine, images: LabelledImages, *, n_bootstrap: int = 1000,
@@ -100,6 +102,7 @@ def evaluate(engine: Engine, images: LabelledImages, *, n_bootstrap: int = 1000,
         error_recall=caught / n_err if n_err else float("nan"),
         flagged_share=float(flagged.mean()), aurocs=aurocs,
         risk_vs_msp=PairedDifference(a="risk", b="msp", **paired),
+        left_out=data.left_out,
     )
 
 
@@ -116,6 +119,7 @@ def format_evaluation(ev: Evaluation) -> str:
         f"{'HELD' if ev.promise_held else 'BROKEN'}",
         f"flagged share {ev.flagged_share:.4f}; false-alarm rate {ev.false_alarm_rate:.4f}; "
         f"error recall {ev.error_recall:.4f}",
+        *left_out_note(ev.left_out),
         "AUROC (errors as positives), bootstrap 95% interval:",
     ]
     for a in sorted(ev.aurocs, key=lambda a: -a.auroc.value):
