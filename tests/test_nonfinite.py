@@ -321,3 +321,17 @@ def test_the_fuzzers_scan_finds_nan_and_inf_anywhere_in_an_answer():
     assert sorted(nonfinite_fields(nested)) == [
         "responses[1].co_scores[0].score", "responses[1].prediction.logits",
         "responses[1].verdict.features[margin]"]
+
+
+def test_the_paper_figures_refuse_data_with_non_finite_outputs_naming_the_image(
+        marker_engine, digits):
+    from axguard.paper.figures import co_table
+
+    x, y = digits
+    images = [x[0], x[1], marked(x[2], "inf")]
+    data = LabelledImages("test:marked", ["a.png", "b.png", "c.png"],
+                          [int(v) for v in y[:3]], [(lambda spec, img=img: img)
+                                                    for img in images])
+    with pytest.raises(InvalidInput, match=r"^c\.png: the model's output for this input is "
+                                           r"not finite \(logits\)"):
+        co_table(marker_engine, data, batch_size=2)

@@ -35,7 +35,8 @@ from ..calibration.report import (  # noqa: E402
 )
 from ..config import GaxSettings  # noqa: E402
 from ..diagnoser import Diagnoser  # noqa: E402
-from ..engine import CheckItem, Engine  # noqa: E402
+from ..engine import CheckItem, CheckResult, Engine  # noqa: E402
+from ..errors import InvalidInput  # noqa: E402
 from ..model import ModelBundle  # noqa: E402
 from ..scoring import AX_PROCESSES  # noqa: E402
 
@@ -66,6 +67,18 @@ class CoTable:
         return rows
 
 
+def require_finite(results: list[CheckResult], images: LabelledImages, start: int
+                   ) -> list[CheckResult]:
+    """Return the results of images[start:]; InvalidInput naming the first image whose
+    model output was not finite (the figures compare every image: none may be missing)."""
+    for k, result in enumerate(results):
+        if result.error is not None:
+            raise InvalidInput(f"{images.names[start + k]}: {result.error} — the paper's "
+                               "figures need every image; leave it out of the data",
+                               field="data")
+    return results
+
+
 def co_table(engine: Engine, images: LabelledImages, batch_size: int = 32,
              progress: bool = False) -> CoTable:
     """Check every image with every available method × both AX processes and its label."""
@@ -77,8 +90,10 @@ def co_table(engine: Engine, images: LabelledImages, batch_size: int = 32,
     batches = images.batches(spec, batch_size)
     for x, y in tqdm(batches, total=-(-len(images) // batch_size), disable=not progress,
                      desc="CO, all methods"):
-        results = engine.check([CheckItem(img, pairs=tuple(pairs), label=int(label))
-                                for img, label in zip(x, y, strict=True)])
+        results = require_finite(engine.check([CheckItem(img, pairs=tuple(pairs),
+                                                         label=int(label))
+                                               for img, label in zip(x, y, strict=True)]),
+                                 images, len(errors))
         for result, label in zip(results, y, strict=True):
             errors.append(result.class_index != label)
             for score in result.scores:
@@ -180,9 +195,10 @@ def layer_grad_cam(bundle: ModelBundle, images: LabelledImages,
                         default_methods=("layer_grad_cam",))
         free, labelled = [], []
         for x, y in images.batches(bundle.spec, batch_size):
-            results = engine.check([CheckItem(img, methods=("layer_grad_cam",),
-                                              label=int(label))
-                                    for img, label in zip(x, y, strict=True)])
+            results = require_finite(engine.check([CheckItem(img, methods=("layer_grad_cam",),
+                                                             label=int(label))
+                                                   for img, label in zip(x, y, strict=True)]),
+                                     images, len(free))
             free += [r.scores[0].score for r in results]
             labelled += [r.scores[0].labelled_score for r in results]
         out[stage] = {"label_free": free, "labelled": labelled}
