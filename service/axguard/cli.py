@@ -161,11 +161,10 @@ def _calibrate_parser(subparsers: argparse._SubParsersAction) -> None:
                      help="error-recall mode: least share of wrong predictions flagged")
     cal.add_argument("--delta", type=float, default=0.05,
                      help="the promise holds with probability >= 1 - delta (default 0.05)")
-    cal.add_argument("--fit-fraction", type=float, default=0.5,
-                     help="share of the predictions the threshold rule uses (correct ones in "
-                          "false-alarm mode, wrong ones in error-recall mode) that go to the "
-                          "fit; the rest set the threshold, and all others are fitted on "
-                          "(default 0.5)")
+    cal.add_argument("--max-cost", type=float, default=None,
+                     help="most the verdict may add to a prediction, in plain forwards (a "
+                          "backward counts 2): the families with the largest drop-one effect "
+                          "that fit are kept (default: no bound, every offered family)")
     cal.add_argument("--gax-percentile", type=float, default=95.0)
     cal.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
     cal.add_argument("--batch-size", type=int, default=64)
@@ -277,7 +276,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
             folds=args.folds, repeats=args.repeats,
             mode="error_recall" if args.recall is not None else "false_alarm",
             beta=args.beta, recall=args.recall or 0.9, delta=args.delta,
-            fit_fraction=args.fit_fraction, seed=args.seed,
+            max_cost=args.max_cost, seed=args.seed,
             gax_percentile=args.gax_percentile, n_bootstrap=args.bootstrap,
             batch_size=args.batch_size, progress=sys.stderr.isatty(),
         )
@@ -286,7 +285,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
         print(f"wrote {args.out} ({artifact.calibration_id}): {artifact.data.n_images} images, "
               f"{artifact.data.n_errors} wrong; threshold {t.value:.4f} ({t.mode} "
               f"{t.target}, delta {t.delta}); families kept "
-              f"{[f.key for f in artifact.flag.families]}")
+              f"{[f.key for f in artifact.flag.families]} (verdict cost ≤ "
+              f"{artifact.selection.cost:g} plain forwards)")
         for note in artifact.notes:
             print(f"  note: {note}")
         print("methods ranked by label-free AUROC: " + ", ".join(

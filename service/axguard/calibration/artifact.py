@@ -81,11 +81,11 @@ class ThresholdInfo(_Strict):
     n_used: int
     violation_probability: float
     achieved_false_alarm_rate: float
-    """Share of correct predictions flagged: on the threshold split in false-alarm mode,
-    out of fold on the fit split in error-recall mode."""
+    """Share of correct predictions flagged (out of fold; version 2: on the threshold split
+    in false-alarm mode)."""
     achieved_error_recall: float
-    """Share of wrong predictions flagged: on the threshold split in error-recall mode,
-    out of fold on the fit split in false-alarm mode."""
+    """Share of wrong predictions flagged (out of fold; version 2: on the threshold split in
+    error-recall mode)."""
     flagged_share: float
     """Expected share of all predictions flagged, from the two rates above."""
 
@@ -106,6 +106,22 @@ class SelectionStep(_Strict):
     accepted: bool
 
 
+class FamilyReport(_Strict):
+    """One offered family in the fused risk model (schema 2, version 3 of the flag)."""
+
+    family: str
+    """The family's key, e.g. "boundary" or "counterfactual:saliency"."""
+    coefficients: dict[str, float]
+    """Standardised coefficient of each of its features in the served risk model (0 when
+    the family is not served: a fallback or the cost bound left it out)."""
+    drop_one: float
+    """Out-of-fold AUROC with every offered family minus that without this one (held-out
+    folds; noise of about ±0.004 with 60–160 errors)."""
+    cost: float
+    """What it adds to a verdict, in plain forwards (a backward counts 2; an upper bound)."""
+    kept: bool
+
+
 class Selection(_Strict):
     """How the risk model's families were chosen, and the evidence for each choice."""
 
@@ -119,10 +135,24 @@ class Selection(_Strict):
     epsilon_aurocs: list[float]
     """Out-of-fold AUROC of msp + perturbation at each ε of the grid (empty if not offered)."""
     steps: list[SelectionStep]
+    """Forward-selection steps (flags of version 2; empty for the fused model)."""
     kept: list[str]
-    """Keys of the kept families, in the order they entered."""
+    """Keys of the kept families, "msp" first."""
     skipped_reason: str = ""
-    """Why no selection ran (too few errors), if it did not."""
+    """Why the model is msp alone although more was offered (too few errors, worse than
+    MSP beyond noise, nothing within the cost bound); "" otherwise."""
+    families: list[FamilyReport] = Field(default_factory=list)
+    """Every offered family's coefficients, drop-one effect and cost (version 3)."""
+    fused_vs_msp: PairedDifference | None = None
+    """Out-of-fold AUROC of the fused model minus MSP's, the guard's evidence."""
+    max_cost: float | None = None
+    """The cost bound given to calibrate, in plain forwards (None: no bound)."""
+    cost: float = 0.0
+    """What the served verdict adds to a prediction, in plain forwards (upper bound)."""
+
+
+LATER_SELECTION_FIELDS = {"families": [], "fused_vs_msp": None, "max_cost": None, "cost": 0.0}
+"""Selection fields of the flag's version 3, with the defaults a version-2 artifact reads."""
 
 
 class RankEntry(_Strict):
@@ -211,8 +241,15 @@ class CalibrationArtifact(_Strict):
         raise KeyError(name)
 
     def content_id(self) -> str:
-        """Return "cal-" + the first 12 hex digits of the sha256 of the content without id."""
+        """Return "cal-" + the first 12 hex digits of the sha256 of the content without id.
+
+        Fields added to schema 2 later count only when they differ from their defaults, so
+        an artifact written before them keeps its id (receipts and metrics carry it).
+        """
         body = self.model_dump(mode="json", exclude={"calibration_id"})
+        for name, default in LATER_SELECTION_FIELDS.items():
+            if body["selection"].get(name, default) == default:
+                body["selection"].pop(name, None)
         digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
         return f"cal-{digest[:12]}"
 

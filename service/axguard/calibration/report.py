@@ -170,12 +170,24 @@ def render_html(artifact: CalibrationArtifact, figures: dict[str, Path]) -> str:
         f"<tr><td>{st.step}</td><td>{html.escape(st.family)}</td><td>{st.auroc:.4f}</td>"
         f"<td>{st.gain:+.4f}</td><td>{'' if st.gain_low != st.gain_low else f'{st.gain_low:+.4f}'}"
         f"</td><td>{'<b>kept</b>' if st.accepted else ''}</td></tr>" for st in sel.steps)
+    family_rows = "".join(
+        f"<tr><td>{html.escape(fr.family)}</td><td>{'<b>yes</b>' if fr.kept else 'no'}</td>"
+        f"<td>{html.escape(', '.join(f'{k} {v:+.3f}' for k, v in fr.coefficients.items()))}"
+        f"</td><td>{fr.drop_one:+.4f}</td><td>{fr.cost:g}</td></tr>" for fr in sel.families)
+    fused = sel.fused_vs_msp
     epsilons = ", ".join(f"ε={e:g}: {u:.4f}" for e, u in zip(sel.epsilon_grid,
                                                               sel.epsilon_aurocs, strict=True))
     selection = (
         f"<p>Rule: {html.escape(sel.rule)} ({sel.folds}-fold cross-fitting, repeated "
-        f"{sel.repeats}×). Kept: <b id='kept'>{html.escape(', '.join(sel.kept))}</b>. "
+        f"{sel.repeats}×). Kept: <b id='kept'>{html.escape(', '.join(sel.kept))}</b>; the "
+        f"verdict adds at most {sel.cost:g} plain forwards"
+        f"{'' if sel.max_cost is None else f' (bound {sel.max_cost:g})'}. "
         f"{html.escape(sel.skipped_reason)}</p>"
+        + (f"<p>Fused model minus MSP, AUROC out of fold: {fused.difference:+.4f} "
+           f"[{fused.low:+.4f}, {fused.high:+.4f}].</p>" if fused is not None else "")
+        + ("<table><tr><th>family</th><th>served</th><th>standardised coefficients</th>"
+           "<th>drop-one effect (AUROC, out of fold)</th><th>cost (plain forwards)</th></tr>"
+           f"{family_rows}</table>" if family_rows else "")
         + (f"<p>Perturbation step, out-of-fold AUROC of msp + perturbation: {epsilons}</p>"
            if epsilons else "")
         + ("<table><tr><th>step</th><th>family tried</th><th>AUROC (out of fold)</th>"
