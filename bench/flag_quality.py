@@ -322,8 +322,9 @@ def write_markdown(payload: dict, out: str = "flag_quality") -> str:
               f"- {s['model']}: ablation (held-out AUROC full − without) "
               + ", ".join(f"{k} {v['auroc_full_minus_without']:+.4f} ({v['folds']} folds)"
                           for k, v in s["ablation"].items())
-              + f"; selection dropped {s['selection_misses']['dropped_family_fold_pairs']} "
-              f"family×fold pairs, of which "
+              + f"; families not served (the guard's fallback to msp, or a cost bound) in "
+              f"{s['selection_misses']['dropped_family_fold_pairs']} family×fold pairs, of "
+              "which "
               f"{s['selection_misses']['would_have_raised_heldout_auroc_by_0.005']} would have "
               f"raised the held-out AUROC by > 0.005; calibration errors per fold "
               f"{s['errors_in_calibration']}" for s in summaries) + "\n")

@@ -248,6 +248,9 @@ def test_an_unknown_ax_process_in_methods_is_a_clear_error(tmp_path, capsys):
     (["--epsilons", "0"], "epsilons"),
     (["--families", "views"], "model.views"),
     (["--views", "hflip,spin"], "model.views"),
+    (["--max-cost", "-1"], "max_cost"),
+    (["--max-cost", "nan"], "max_cost"),
+    (["--fit-fraction", "0.5"], "--fit-fraction"),  # version 2's flag: nothing is held back
 ])
 def test_bad_calibration_settings_exit_2_naming_the_field(args, field, tmp_path):
     out = tmp_path / "cal.json"
@@ -282,7 +285,7 @@ def test_fusion_on_an_under_trained_model_and_the_served_verdict_agrees(tmp_path
     import torch
 
     from axguard.calibration.calibrate import calibrate
-    from axguard.calibration.datasets import load_labelled_images
+    from axguard.calibration.datasets import LabelledImages, load_labelled_images
     from axguard.calibration.risk import SHRINKAGE_RULE
     from axguard.demo.train import train_demo, write_assets
     from axguard.model import load_bundle
@@ -292,11 +295,17 @@ def test_fusion_on_an_under_trained_model_and_the_served_verdict_agrees(tmp_path
     bundle = load_bundle("axguard.demo.network:build_demo_net", spec=spec,
                          class_names=[str(d) for d in range(10)],
                          weights=tmp_path / "weights.pt", name="sub")
-    images = load_labelled_images("builtin:digits", bundle.class_names)
+    # Both held-out splits (719 images, about 90 errors): enough for 19 fused features at
+    # three errors each.
+    parts = [load_labelled_images(name, bundle.class_names)
+             for name in ("builtin:digits", "builtin:digits-test")]
+    images = LabelledImages("builtin:digits+test", [n for p in parts for n in p.names],
+                            [v for p in parts for v in p.labels],
+                            [load for p in parts for load in p._loaders])
     artifact = calibrate(Engine(bundle), images, n_bootstrap=20, views=("shift:1:0",),
                          progress=False)
     sel = artifact.selection
-    assert artifact.data.n_errors >= 20 and sel.rule == SHRINKAGE_RULE
+    assert artifact.data.n_errors >= 3 * 19 and sel.rule == SHRINKAGE_RULE
     offered = {f.key.split(":")[0] for f in sel.candidates}
     assert offered == {"logit", "boundary", "counterfactual", "perturbation", "views", "co"}
     assert len(sel.epsilon_aurocs) == len(sel.epsilon_grid) == 6
@@ -320,6 +329,18 @@ def test_fusion_on_an_under_trained_model_and_the_served_verdict_agrees(tmp_path
     assert set(artifact.samples.split) == {"fit"}
     assert artifact.threshold.n_used == artifact.data.n_correct
     assert artifact.threshold.achieved_false_alarm_rate <= 0.05
+    # The report shows every offered family's weight, drop-one effect and cost.
+    from axguard.calibration.report import render_html
+
+    page = render_html(artifact, {})
+    assert "drop-one effect (AUROC, out of fold)" in page
+    for report in sel.families:
+        assert f"<td>{report.family}</td>" in page and f"<td>{report.drop_one:+.4f}</td>" in page
+    # A cost bound keeps only what fits, in the order of the drop-one effects.
+    bounded = calibrate(Engine(bundle), images, n_bootstrap=20, max_cost=3, progress=False)
+    assert bounded.selection.cost <= 3 and bounded.selection.max_cost == 3
+    assert {f.name for f in bounded.flag.families} <= {"msp", "logit", "boundary",
+                                                       "perturbation"}
     # Serving computes the kept families only, and agrees with calibration.
     path = tmp_path / "cal.json"
     save_artifact(artifact, path)

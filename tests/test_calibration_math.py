@@ -182,6 +182,19 @@ def test_fusion_with_too_few_errors_is_msp_alone():
     assert fusion.fallback.startswith("only 9 wrong predictions")
 
 
+def test_fusion_needs_three_errors_per_fused_feature():
+    y, features = _signal_data()
+    y = np.zeros_like(y)
+    y[::40] = True  # 15 errors; msp + logit + boundary are 6 features: 18 needed
+    fusion = fuse(features, y, Family(name="msp"), [LOGIT, BOUNDARY], folds=3, repeats=1)
+    assert [f.key for f in fusion.families] == ["msp"]
+    assert fusion.fallback == ("only 15 wrong predictions for 6 features (fewer than 3 per "
+                               "feature): the fused model would overfit")
+    # Fewer families offered need fewer errors: msp + boundary (2 features) fuse.
+    two = fuse(features, y, Family(name="msp"), [BOUNDARY], folds=3, repeats=1)
+    assert not two.fallback.startswith("only")
+
+
 def test_a_cost_bound_keeps_the_most_useful_families_that_fit():
     y, features = _signal_data()
     # logit costs 0, boundary 2 (a backward): a bound of 1 leaves boundary out.
