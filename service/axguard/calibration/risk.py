@@ -18,7 +18,7 @@ away. The rule (SHRINKAGE_RULE, recorded in the artifact):
 3. Guards that need no power to detect gains: fall back to msp alone when fewer than
    ERRORS_PER_FEATURE wrong predictions per fused feature (and at least MIN_ERRORS_TO_FUSE)
    leave too little to fit that many weights (the events-per-variable floor: at 20–27
-   errors for 17 features the fused model lost 0.008 AUROC to MSP on held-out digits, a
+   errors for 15 features the fused model lost 0.008 AUROC to MSP on held-out digits, a
    loss the out-of-fold interval of so few errors could not see), or when the fused model
    is worse than MSP out of fold beyond noise (the upper end of the paired-bootstrap 95%
    interval of AUROC(fused) − AUROC(MSP) below 0).
