@@ -172,7 +172,6 @@ def run_fold(name: str, x: torch.Tensor, y: np.ndarray, folds: list[np.ndarray],
     # Refit variants on the calibration images (the same data the served model saw).
     cal_err = np.asarray(artifact.samples.labels) != np.asarray(artifact.samples.predictions)
     cal_features = {k2: np.asarray(v) for k2, v in artifact.samples.features.items()}
-    fit = np.ones(len(cal_err), dtype=bool)
 
     def refit(families: list[Family]) -> np.ndarray:
         names = [n for f in families for n in f.features()]
@@ -197,7 +196,7 @@ def run_fold(name: str, x: torch.Tensor, y: np.ndarray, folds: list[np.ndarray],
         logit_only = [msp_family, Family(name="logit")]
         names = [n for f in logit_only for n in f.features()]
         flag = FlagModel(families=logit_only, mode="false_alarm", threshold=0.5,
-                         risk_model=fit_risk_model(cal_features, cal_err[fit], names))
+                         risk_model=fit_risk_model(cal_features, cal_err, names))
         cheap = Engine(bundle, calibration=artifact.model_copy(update={"flag": flag}))
         result["cost_logit_only"] = verdict_cost(cheap, x[test])
     return result

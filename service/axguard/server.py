@@ -51,6 +51,12 @@ __all__ = ["SERVICE_NAME", "ConfidenceServicer", "ServerParts", "build_server", 
            "input_limits", "serve", "start_serving"]
 
 
+def failed_item(request_id: str, error: AxguardError) -> pb.CheckResponse:
+    """Return a CheckBatch entry for an item that failed: its status code and message."""
+    return pb.CheckResponse(request_id=request_id, error=pb.ItemError(
+        code=status_for(error).value[0], message=error.message))
+
+
 class ConfidenceServicer(pb_grpc.ConfidenceServiceServicer):
     """axguard.v1.ConfidenceService: convert → data plane → convert back."""
 
@@ -104,10 +110,7 @@ class ConfidenceServicer(pb_grpc.ConfidenceServiceServicer):
                         raise
                     good.append((i, sub_id, item))
                 except AxguardError as err:
-                    responses[i] = pb.CheckResponse(
-                        request_id=sub_id,
-                        error=pb.ItemError(code=status_for(err).value[0], message=err.message),
-                    )
+                    responses[i] = failed_item(sub_id, err)
                     log.info("batch_item_rejected", extra={"request_id": sub_id,
                                                            "reason": err.message})
             decoded = time.perf_counter()
@@ -118,10 +121,8 @@ class ConfidenceServicer(pb_grpc.ConfidenceServiceServicer):
         total_ms = (time.perf_counter() - start) * 1e3
         for (i, sub_id, _), result, receipt in zip(good, results, receipts, strict=True):
             if result.error is not None:
-                err = result.error
-                err.field = f"requests[{i}].{err.field}"
-                responses[i] = pb.CheckResponse(request_id=sub_id, error=pb.ItemError(
-                    code=status_for(err).value[0], message=err.message))
+                result.error.field = f"requests[{i}].{result.error.field}"
+                responses[i] = failed_item(sub_id, result.error)
                 continue
             responses[i] = result_to_response(result, sub_id, decode_ms=(decoded - start) * 1e3,
                                               total_ms=total_ms)

@@ -308,8 +308,8 @@ def calibrate(
     # the order-statistic threshold over it is exact. A fused model's threshold comes from
     # risks of models that did not see the image (the first cross-fitting split: one model
     # per image, as served), and the held-out benchmark checks that the promise holds.
-    threshold_risk = risk if kept == [msp_family] else fusion.risks[0]
-    oof = risk if kept == [msp_family] else fusion.risk
+    threshold_risk = risk if fusion.risks is None else fusion.risks[0]
+    oof = risk if fusion.risk is None else fusion.risk
 
     if mode == "false_alarm":
         rule = false_alarm_threshold(threshold_risk[~is_error], beta, delta)

@@ -22,7 +22,7 @@ away. The rule (SHRINKAGE_RULE, recorded in the artifact):
    loss the out-of-fold interval of so few errors could not see), or when the fused model
    is worse than MSP out of fold beyond noise (the upper end of the paired-bootstrap 95%
    interval of AUROC(fused) − AUROC(MSP) below 0).
-4. Optionally a cost bound (`max_cost`, in plain-forward units, FAMILY_COST): the families
+4. Optionally a cost bound (`max_cost`, in plain-forward units, family_cost): the families
    are taken in the order of their drop-one effect while their cost fits.
 """
 
@@ -156,8 +156,9 @@ class Fusion:
 
     families: list[Family]
     """The families of the risk model, "msp" first."""
-    risks: np.ndarray
-    """(repeats, N) out-of-fold risks of that model."""
+    risks: np.ndarray | None
+    """(repeats, N) out-of-fold risks of the fused model; None for msp alone, whose
+    full-data risk ranks exactly as MSP and serves instead."""
     fused_vs_msp: dict[str, float]
     """Out-of-fold AUROC(fused) − AUROC(MSP) with its paired 95% interval (NaN when no
     fused model could be fitted)."""
@@ -166,9 +167,9 @@ class Fusion:
     """Why the model is msp alone although other families were offered ("" if it is not)."""
 
     @property
-    def risk(self) -> np.ndarray:
-        """(N,) out-of-fold risk averaged over the repeats."""
-        return self.risks.mean(axis=0)
+    def risk(self) -> np.ndarray | None:
+        """(N,) out-of-fold risk averaged over the repeats (None for msp alone)."""
+        return None if self.risks is None else self.risks.mean(axis=0)
 
 
 def fuse(features: dict[str, np.ndarray], is_error: np.ndarray, base: Family,
@@ -189,7 +190,7 @@ def fuse(features: dict[str, np.ndarray], is_error: np.ndarray, base: Family,
     if n_errors < MIN_ERRORS_TO_FUSE or not candidates:
         reason = (f"only {n_errors} wrong predictions (fewer than {MIN_ERRORS_TO_FUSE}): "
                   "nothing to fit beyond msp" if candidates else "")
-        return Fusion([base], risks([base]), nan, fallback=reason)
+        return Fusion([base], None, nan, fallback=reason)
     offered = [base, *candidates]
     every = risks(offered)
     every_auroc = auroc(is_error, every.mean(axis=0))
@@ -204,20 +205,20 @@ def fuse(features: dict[str, np.ndarray], is_error: np.ndarray, base: Family,
                 chosen.append(effect.family)
                 spent += effect.cost
         chosen = [base, *(f for f in candidates if f in chosen)]  # the offered order
-        chosen_risks = risks(chosen) if len(chosen) > 1 else risks([base])
+        if len(chosen) == 1:
+            return Fusion([base], None, nan, effects,
+                          fallback=f"no family fits within a cost of {max_cost:g}")
+        chosen_risks = risks(chosen)
     msp_error_score = -np.asarray(features["neg_log_1m_msp"], dtype=float)
-    if len(chosen) == 1:
-        return Fusion([base], chosen_risks, nan, effects,
-                      fallback=f"no family fits within a cost of {max_cost:g}")
     n_features = len(names_of(chosen))
     if n_errors < ERRORS_PER_FEATURE * n_features:
-        return Fusion([base], risks([base]), nan, effects, fallback=(
+        return Fusion([base], None, nan, effects, fallback=(
             f"only {n_errors} wrong predictions for {n_features} features (fewer than "
             f"{ERRORS_PER_FEATURE} per feature): the fused model would overfit"))
     comparison = paired_auroc_difference(is_error, chosen_risks.mean(axis=0), msp_error_score,
                                          n_resamples=n_resamples, seed=seed)
     if comparison["high"] < 0:
-        return Fusion([base], risks([base]), comparison, effects, fallback=(
+        return Fusion([base], None, comparison, effects, fallback=(
             f"the fused model is worse than MSP out of fold beyond noise "
             f"({comparison['difference']:+.4f} [{comparison['low']:+.4f}, "
             f"{comparison['high']:+.4f}])"))
