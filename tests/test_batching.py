@@ -67,6 +67,27 @@ def test_a_full_queue_refuses_at_once(engine):
         batcher.close()
 
 
+def test_a_call_refused_by_a_full_queue_computes_none_of_its_items(engine):
+    """check() of three items into a queue with room for two fails as a whole (Busy, with
+    the server's retry hint); the two it queued are cancelled, never computed."""
+    batcher = DynamicBatcher(engine, max_batch_size=1, max_delay=0, max_queue=2)
+    try:
+        work = [engine.resolve(i) for i in items(4)]
+        with engine._lock:
+            running = batcher.submit(work[0])
+            while batcher.in_flight == 0:
+                threading.Event().wait(0.01)
+            with pytest.raises(Busy, match="queue is full") as info:
+                batcher.check(work[1:4], timeout=60)
+            assert 0.05 <= info.value.retry_after <= 5.0
+        running.result(timeout=60)
+        assert batcher.check(work[:1], timeout=60)[0].class_index >= 0  # still serving
+        assert batcher.stats.items == 2  # the first item and the last check: nothing else
+        assert batcher.stats.seconds_per_item > 0
+    finally:
+        batcher.close()
+
+
 def test_deadline_while_waiting(engine):
     batcher = DynamicBatcher(engine, max_batch_size=1, max_delay=0)
     try:

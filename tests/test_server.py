@@ -218,14 +218,62 @@ def test_bad_input_is_invalid_argument_naming_the_field_and_serving_goes_on(
     assert client.check(DIGITS[3]).prediction.class_name == "3"
 
 
-def test_oversized_image_is_resource_exhausted(demo_engine):
-    server = RunningServer(demo_engine, max_image_bytes=1000)
+def test_server_options_carry_the_connection_age_unless_it_is_off():
+    from axguard.config import load_settings
+    from axguard.server import server_options
+
+    options = dict(server_options(load_settings()))
+    assert options["grpc.max_connection_age_ms"] == 300_000
+    assert options["grpc.max_connection_age_grace_ms"] == 300_000
+    off = dict(server_options(load_settings(server={"max_connection_age_seconds": 0})))
+    assert "grpc.max_connection_age_ms" not in off
+    assert off["grpc.max_receive_message_length"] == 64 * 1024 * 1024
+
+
+def test_a_health_watch_is_not_a_call_in_flight(demo_server):
+    """Clients that health-check hold a Watch open for their connection's life; counted in
+    flight, it would hold every drain to its full grace period."""
+    channel = grpc.insecure_channel(demo_server.target)
+    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+    try:
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        assert demo_server.parts.interceptor.active == 0
+    finally:
+        watch.cancel()
+        channel.close()
+
+
+def requests_counted(server: RunningServer, method: str, code: str) -> float:
+    return server.metrics.registry.get_sample_value(
+        "axguard_grpc_requests_total", {"grpc_method": method, "grpc_code": code}) or 0.0
+
+
+def test_a_request_over_a_limit_is_resource_exhausted_and_never_retried(demo_engine):
+    server = RunningServer(demo_engine, max_image_bytes=1000, max_batch_items=4)
     try:
         with AxguardClient(server.target, timeout=30) as c:
-            with pytest.raises(ResourceExhausted, match="image.encoded"):
+            with pytest.raises(ResourceExhausted, match="image.encoded") as info:
                 c.check(np_png(64))
-            with pytest.raises(ResourceExhausted, match="requests"):
-                c.check_batch([DIGITS[0]] * 300)
+            # The server's pushback -1 says a retry would fail again: one attempt only.
+            assert info.value.retry_after is None
+            assert requests_counted(server, "Check", "RESOURCE_EXHAUSTED") == 1
+            # Past the batch limit: refused whole, naming the field, not retried either.
+            stub = pb_grpc.ConfidenceServiceStub(c._channel)
+            five = pb.CheckBatchRequest(requests=[
+                pb.CheckRequest(image=pb.Image(encoded=DIGITS[0].read_bytes()))] * 5)
+            with pytest.raises(grpc.RpcError) as raw:
+                stub.CheckBatch(five, timeout=30)
+            assert raw.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert raw.value.details().startswith("requests: has 5 items, limit 4")
+            assert ("grpc-retry-pushback-ms", "-1") in [
+                (m.key, m.value) for m in raw.value.trailing_metadata()]
+            assert requests_counted(server, "CheckBatch", "RESOURCE_EXHAUSTED") == 1
+            # The client splits a longer list into calls within the limit, in order.
+            before = requests_counted(server, "CheckBatch", "OK")
+            answers = c.check_batch(DIGITS[:10])
+            assert [a.prediction.class_name for a in answers] == [
+                p.stem.removeprefix("digit_") for p in DIGITS[:10]]
+            assert requests_counted(server, "CheckBatch", "OK") - before == 3  # 4 + 4 + 2
     finally:
         server.stop()
 

@@ -25,6 +25,8 @@ from .errors import Busy, DeadlineExceeded
 log = logging.getLogger(__name__)
 
 MAX_WAIT_SECONDS = 365 * 24 * 3600.0
+# Bounds of the retry delay a full queue suggests (Busy.retry_after), in seconds.
+MIN_RETRY_AFTER, MAX_RETRY_AFTER = 0.05, 5.0
 """Deadlines further away than this count as none (waiting on a far-future deadline
 overflows the platform's time_t: some clients, Triton's among them, send one)."""
 
@@ -59,6 +61,8 @@ class BatchStats:
     largest_batch: int = 0
     rejected: int = 0
     failed_batches: int = 0
+    seconds_per_item: float = 0.0
+    """Moving average of engine seconds per item (what a full queue will take to clear)."""
 
 
 class DynamicBatcher:
@@ -110,16 +114,24 @@ class DynamicBatcher:
             self._queue.put_nowait(_Job(item, future, time.perf_counter()))
         except queue.Full:
             self.stats.rejected += 1
+            clear = self._queue.maxsize * self.stats.seconds_per_item
             raise Busy(f"the check queue is full ({self._queue.maxsize} waiting); retry later",
-                       field="queue") from None
+                       field="queue", retry_after=min(max(clear, MIN_RETRY_AFTER),
+                                                      MAX_RETRY_AFTER)) from None
         return future
 
     def check(self, items: list[CheckItem], timeout: float | None = None,
               arrival: Arrival | None = None) -> list[CheckResult]:
         """Submit items and wait for all their results, in order. `arrival` (from
         `arriving`) is marked done once every item is queued."""
+        futures: list[Future] = []
         try:
-            futures = [self.submit(item) for item in items]
+            for item in items:
+                futures.append(self.submit(item))
+        except Busy:
+            for f in futures:
+                f.cancel()  # the call fails as a whole: its queued items are not computed
+            raise
         finally:
             if arrival is not None:
                 arrival.done()
@@ -181,6 +193,9 @@ class DynamicBatcher:
         self.stats.batches += 1
         self.stats.items += len(live)
         self.stats.largest_batch = max(self.stats.largest_batch, len(live))
+        per_item = (time.perf_counter() - started) / len(live)
+        previous = self.stats.seconds_per_item
+        self.stats.seconds_per_item = per_item if previous == 0 else 0.8 * previous + 0.2 * per_item
         for job, result in zip(live, results, strict=True):
             result.timing.queue_ms = (started - job.enqueued) * 1e3
             job.future.set_result(result)

@@ -160,6 +160,13 @@ class ServerSettings(BaseModel):
     """Most items in one CheckBatch (more: RESOURCE_EXHAUSTED)."""
     grace_seconds: float = Field(default=10.0, ge=0)
     """On SIGTERM, how long in-flight requests may finish, in seconds."""
+    max_connection_age_seconds: float = Field(default=300.0, ge=0)
+    """Close each client connection (HTTP/2 GOAWAY) after about this long (gRPC adds ±10%
+    jitter), so long-lived clients reconnect and reach replicas added since, as through a
+    ClusterIP Service or an L4 proxy; the client reconnects without a failed call. 0: never."""
+    max_connection_age_grace_seconds: float = Field(default=300.0, ge=0)
+    """After a connection's age is up, how long calls already on it may still finish (a long
+    Diagnose stream) before it is closed, in seconds."""
     tls: TlsSettings = Field(default_factory=TlsSettings)
     """TLS and mutual TLS."""
     auth: AuthSettings = Field(default_factory=AuthSettings)

@@ -94,6 +94,7 @@ class DataPlane:
                                       max_delay=b.max_delay_ms / 1e3, max_queue=b.max_queue)
         self.limits = input_limits(settings)
         self.max_batch_items = settings.server.max_batch_items
+        self.max_message_bytes = settings.server.max_message_bytes
         self.diagnoser = Diagnoser(engine.bundle, settings.gax, engine.calibration)
         self.live = LiveQuality(settings, engine.bundle, engine.calibration, metrics)
         self.draining = False

@@ -5,7 +5,7 @@
     │   ├── UnknownMethod   an attribution method that does not exist or this model lacks
     │   └── NonFiniteOutput the model's output for this input is not finite
     ├── InputTooLarge       the input exceeds a configured limit
-    ├── Busy                a bounded pool (diagnoses) is full: retry later
+    ├── Busy                a bounded pool (queue, diagnoses) is full: retry later
     ├── NotReady            the model is not loaded or warmed up yet
     ├── DeadlineExceeded    the caller's deadline passed while the request waited
     ├── FailedPrecondition  the server is not set up for this call (e.g. feedback off)
@@ -63,7 +63,13 @@ class NonFiniteOutput(InvalidInput):
 
 
 class Busy(AxguardError):
-    """No room in a bounded pool right now."""
+    """No room in a bounded pool right now; `retry_after` (seconds) is the server's guess of
+    when there will be, sent to clients as gRPC's retry pushback."""
+
+    def __init__(self, message: str, *, field: str | None = None,
+                 retry_after: float = 0.1) -> None:
+        super().__init__(message, field=field)
+        self.retry_after = retry_after
 
 
 class NotReady(AxguardError):

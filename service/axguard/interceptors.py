@@ -16,6 +16,8 @@ from .metrics import Metrics
 
 log = logging.getLogger("axguard.server")
 
+HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
+
 
 @dataclass(frozen=True)
 class _Unparsable:
@@ -95,6 +97,10 @@ class MetricsInterceptor(grpc.ServerInterceptor):
     def intercept_service(self, continuation: Any, details: Any) -> Any:
         handler = continuation(details)
         if handler is None or not (handler.unary_unary or handler.unary_stream):
+            return handler
+        if details.method == HEALTH_WATCH:
+            # A subscription open for the connection's life (clients' health checking), not
+            # a request: counting it in flight would hold every drain to its full grace.
             return handler
         method = details.method.rsplit("/", 1)[-1]
         parse = _tolerant(handler.request_deserializer)

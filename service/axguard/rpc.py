@@ -60,6 +60,22 @@ def request_id_of(request: Any) -> str:
             or uuid.uuid4().hex)
 
 
+# gRPC's retry pushback trailer (gRFC A6): a client's retry policy waits that many
+# milliseconds before its next attempt, and does not retry at all on a negative value.
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
+
+def retry_pushback(error: Exception) -> str | None:
+    """Return the pushback a RESOURCE_EXHAUSTED error tells retrying clients: the delay a
+    full pool suggests (Busy), "-1" for a request over a limit (a retry fails again), None
+    for other errors."""
+    if isinstance(error, Busy):
+        return str(max(1, round(error.retry_after * 1000)))
+    if isinstance(error, InputTooLarge):
+        return "-1"
+    return None
+
+
 def _failure(rpc: str, request_id: str, error: Exception) -> tuple[grpc.StatusCode, str]:
     """Return the status and client message for an error; log it with the request id."""
     if isinstance(error, AxguardError):
@@ -71,6 +87,15 @@ def _failure(rpc: str, request_id: str, error: Exception) -> tuple[grpc.StatusCo
     return grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})"
 
 
+def _abort(context: grpc.ServicerContext, rpc: str, request_id: str, error: Exception) -> None:
+    """End the call with the error's status and message (and its retry pushback)."""
+    code, message = _failure(rpc, request_id, error)
+    pushback = retry_pushback(error)
+    if pushback is not None:
+        context.set_trailing_metadata(((PUSHBACK_KEY, pushback),))
+    context.abort(code, message)
+
+
 def rpc_method(func: F) -> F:
     """Wrap a unary servicer method: request id, error → status, no stack trace to clients."""
 
@@ -80,8 +105,7 @@ def rpc_method(func: F) -> F:
         try:
             return func(self, request, context, request_id)
         except Exception as err:  # noqa: BLE001  (mapped, logged, never leaked)
-            code, message = _failure(func.__name__, request_id, err)
-        context.abort(code, message)
+            _abort(context, func.__name__, request_id, err)
 
     wrapper.__axguard_rpc__ = True  # type: ignore[attr-defined]
     return wrapper  # type: ignore[return-value]
@@ -95,10 +119,8 @@ def rpc_stream_method(func: F) -> F:
         request_id = request_id_of(request)
         try:
             yield from func(self, request, context, request_id)
-            return
         except Exception as err:  # noqa: BLE001  (mapped, logged, never leaked)
-            code, message = _failure(func.__name__, request_id, err)
-        context.abort(code, message)
+            _abort(context, func.__name__, request_id, err)
 
     wrapper.__axguard_rpc__ = True  # type: ignore[attr-defined]
     return wrapper  # type: ignore[return-value]

@@ -204,6 +204,8 @@ class ConfidenceServicer(pb_grpc.ConfidenceServiceServicer):
         live = plane.live
         info.torch_threads = plane.thread_choice.threads
         info.torch_threads_choice = plane.thread_choice.describe()
+        info.max_batch_items = plane.max_batch_items
+        info.max_message_bytes = plane.max_message_bytes
         info.feedback.CopyFrom(pb.FeedbackInfo(
             enabled=live.enabled, max_items=live.max_items,
             max_age_seconds=live.max_age_seconds,
@@ -225,6 +227,19 @@ class ServerParts:
     """TLS certificate files (reloaded when they change); None without TLS."""
 
 
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """Return the grpc server's channel arguments: message limits, connection age."""
+    server = settings.server
+    options = [("grpc.max_receive_message_length", server.max_message_bytes),
+               ("grpc.max_send_message_length", server.max_message_bytes)]
+    if server.max_connection_age_seconds > 0:
+        options += [("grpc.max_connection_age_ms",
+                     max(1, round(server.max_connection_age_seconds * 1000))),
+                    ("grpc.max_connection_age_grace_ms",
+                     round(server.max_connection_age_grace_seconds * 1000))]
+    return options
+
+
 def build_server(settings: Settings, engine: Engine,
                  registry: CollectorRegistry | None = None) -> ServerParts:
     """Return the server's parts, bound to its port and not started yet.
@@ -238,7 +253,6 @@ def build_server(settings: Settings, engine: Engine,
                       max_class_labels=settings.metrics.max_class_labels)
     calibration_id = engine.calibration.calibration_id if engine.calibration else ""
     metrics.set_model(bundle.version, bundle.fingerprint, calibration_id)
-    limit = settings.server.max_message_bytes
     interceptor = MetricsInterceptor(metrics)
     interceptors: list[grpc.ServerInterceptor] = [interceptor]  # outermost: counts refusals
     auth = settings.server.auth
@@ -250,8 +264,7 @@ def build_server(settings: Settings, engine: Engine,
         futures.ThreadPoolExecutor(max_workers=settings.server.max_workers,
                                    thread_name_prefix="axguard-rpc"),
         interceptors=interceptors,
-        options=[("grpc.max_receive_message_length", limit),
-                 ("grpc.max_send_message_length", limit)],
+        options=server_options(settings),
     )
     plane = DataPlane(engine, settings, metrics)
     registry.register(EngineCollector(engine, plane.batcher, bundle.name))

@@ -226,7 +226,7 @@ class CalibrationSummary(_message.Message):
     def __init__(self, calibration_id: _Optional[str] = ..., created_at: _Optional[str] = ..., mode: _Optional[str] = ..., target: _Optional[float] = ..., delta: _Optional[float] = ..., threshold: _Optional[float] = ..., achieved_false_alarm_rate: _Optional[float] = ..., achieved_error_recall: _Optional[float] = ..., auroc_risk: _Optional[float] = ..., auroc_msp: _Optional[float] = ..., n_images: _Optional[int] = ..., n_errors: _Optional[int] = ..., risk_features: _Optional[_Iterable[str]] = ..., gax_target: _Optional[float] = ..., data_source: _Optional[str] = ..., families: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "fingerprint", "class_names", "input_shape", "mean", "std", "available_methods", "default_methods", "calibration", "torchscript", "device", "feedback", "torch_threads", "torch_threads_choice")
+    __slots__ = ("name", "version", "fingerprint", "class_names", "input_shape", "mean", "std", "available_methods", "default_methods", "calibration", "torchscript", "device", "feedback", "torch_threads", "torch_threads_choice", "max_batch_items", "max_message_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -242,6 +242,8 @@ class ModelInfo(_message.Message):
     FEEDBACK_FIELD_NUMBER: _ClassVar[int]
     TORCH_THREADS_FIELD_NUMBER: _ClassVar[int]
     TORCH_THREADS_CHOICE_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     fingerprint: str
@@ -257,7 +259,9 @@ class ModelInfo(_message.Message):
     feedback: FeedbackInfo
     torch_threads: int
     torch_threads_choice: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., fingerprint: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., available_methods: _Optional[_Iterable[_Union[AttributionMethod, str]]] = ..., default_methods: _Optional[_Iterable[_Union[AttributionMethod, str]]] = ..., calibration: _Optional[_Union[CalibrationSummary, _Mapping]] = ..., torchscript: _Optional[bool] = ..., device: _Optional[str] = ..., feedback: _Optional[_Union[FeedbackInfo, _Mapping]] = ..., torch_threads: _Optional[int] = ..., torch_threads_choice: _Optional[str] = ...) -> None: ...
+    max_batch_items: int
+    max_message_bytes: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., fingerprint: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., available_methods: _Optional[_Iterable[_Union[AttributionMethod, str]]] = ..., default_methods: _Optional[_Iterable[_Union[AttributionMethod, str]]] = ..., calibration: _Optional[_Union[CalibrationSummary, _Mapping]] = ..., torchscript: _Optional[bool] = ..., device: _Optional[str] = ..., feedback: _Optional[_Union[FeedbackInfo, _Mapping]] = ..., torch_threads: _Optional[int] = ..., torch_threads_choice: _Optional[str] = ..., max_batch_items: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
 
 class FeedbackInfo(_message.Message):
     __slots__ = ("enabled", "signing_key_id", "max_age_seconds", "max_items")

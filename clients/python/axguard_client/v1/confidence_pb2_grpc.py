@@ -27,6 +27,12 @@ if _version_not_supported:
 
 class ConfidenceServiceStub:
     """ConfidenceService returns a prediction with its CO scores and "likely wrong" verdict.
+
+    Retrying: UNAVAILABLE (warming up, draining on shutdown) is safe to retry on another
+    replica for Check, CheckBatch, GetModelInfo and Feedback. RESOURCE_EXHAUSTED carries the
+    trailer `grpc-retry-pushback-ms` (gRPC's retry pushback): a delay in milliseconds when the
+    server is momentarily full, or -1 when the request itself is over a limit and a retry
+    would fail again.
     """
 
     def __init__(self, channel):
@@ -64,6 +70,12 @@ class ConfidenceServiceStub:
 
 class ConfidenceServiceServicer:
     """ConfidenceService returns a prediction with its CO scores and "likely wrong" verdict.
+
+    Retrying: UNAVAILABLE (warming up, draining on shutdown) is safe to retry on another
+    replica for Check, CheckBatch, GetModelInfo and Feedback. RESOURCE_EXHAUSTED carries the
+    trailer `grpc-retry-pushback-ms` (gRPC's retry pushback): a delay in milliseconds when the
+    server is momentarily full, or -1 when the request itself is over a limit and a retry
+    would fail again.
     """
 
     def Check(self, request, context):
@@ -146,6 +158,12 @@ def add_ConfidenceServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class ConfidenceService:
     """ConfidenceService returns a prediction with its CO scores and "likely wrong" verdict.
+
+    Retrying: UNAVAILABLE (warming up, draining on shutdown) is safe to retry on another
+    replica for Check, CheckBatch, GetModelInfo and Feedback. RESOURCE_EXHAUSTED carries the
+    trailer `grpc-retry-pushback-ms` (gRPC's retry pushback): a delay in milliseconds when the
+    server is momentarily full, or -1 when the request itself is over a limit and a retry
+    would fail again.
     """
 
     @staticmethod
