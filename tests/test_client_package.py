@@ -48,15 +48,27 @@ def test_library_and_cli_of_the_lone_client_call_a_real_server(client_venv, demo
     server = RunningServer(demo_engine)
     try:
         python = client_venv / "bin" / "python"
-        code = ("import sys\n"
-                "from axguard_client import AxguardClient\n"
+        # A file, a numpy array, a PIL image, and the asyncio client, without torch.
+        code = ("import asyncio, sys\n"
+                "import numpy as np\n"
+                "from PIL import Image\n"
+                "from axguard_client import AsyncAxguardClient, AxguardClient\n"
+                "image = Image.open(sys.argv[2])\n"
                 "with AxguardClient(sys.argv[1], timeout=30) as c:\n"
                 "    r = c.check(sys.argv[2])\n"
-                "    print(r.prediction.class_name, r.verdict.calibrated)\n")
+                "    print(r.prediction.class_name, r.verdict.calibrated)\n"
+                "    print(c.check(np.asarray(image)).prediction.class_name)\n"
+                "    print(c.check(image).prediction.class_name)\n"
+                "async def main():\n"
+                "    async with AsyncAxguardClient(sys.argv[1], timeout=30) as c:\n"
+                "        print((await c.check(sys.argv[2])).prediction.class_name)\n"
+                "asyncio.run(main())\n"
+                "print('torch' in sys.modules)\n")
         out = subprocess.run([str(python), "-c", code, server.target,
                               str(EXAMPLES / "digit_6.png")], capture_output=True, text=True,
-                             timeout=60, check=True).stdout
-        assert out.split() == ["6", "True"]
+                             timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["6", "True", "6", "6", "6", "False"]
         cli = subprocess.run([str(client_venv / "bin" / "axguard"), "check",
                               str(EXAMPLES / "digit_8.png"), "--target", server.target],
                              capture_output=True, text=True, timeout=60)

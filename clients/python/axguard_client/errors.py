@@ -29,7 +29,16 @@ class InvalidArgument(ClientError):
 
 
 class ResourceExhausted(ClientError):
-    """The request was too large or the server had no room for it."""
+    """The request was too large or the server had no room for it.
+
+    `retry_after`: seconds the server suggested waiting (it was full; the client's retry
+    policy already waited that long between its attempts), None when the request itself is
+    over a limit and retrying cannot help."""
+
+    def __init__(self, code: grpc.StatusCode, details: str,
+                 retry_after: float | None = None) -> None:
+        super().__init__(code, details)
+        self.retry_after = retry_after
 
 
 class Unavailable(ClientError):
@@ -62,8 +71,26 @@ _BY_CODE: dict[grpc.StatusCode, type[ClientError]] = {
 }
 
 
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
+
+def retry_after(error: grpc.RpcError) -> float | None:
+    """The server's retry pushback in seconds; None when absent or "do not retry"."""
+    trailers = getattr(error, "trailing_metadata", lambda: None)() or ()
+    for key, value in trailers:
+        if key == PUSHBACK_KEY:
+            try:
+                milliseconds = int(value)
+            except ValueError:
+                return None
+            return milliseconds / 1000 if milliseconds >= 0 else None
+    return None
+
+
 def from_rpc_error(error: grpc.RpcError) -> ClientError:
-    """Return the typed error for a grpc.RpcError raised by a call."""
+    """Return the typed error for a grpc.RpcError (or grpc.aio.AioRpcError) of a call."""
     code = error.code()  # type: ignore[attr-defined]
     details = error.details() or ""  # type: ignore[attr-defined]
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return ResourceExhausted(code, details, retry_after(error))
     return _BY_CODE.get(code, ServerError)(code, details)
