@@ -60,6 +60,23 @@ def test_kustomize_output_validates_against_kubernetes_schemas(target, tmp_path)
             "ServiceMonitor", "PrometheusRule"} <= kinds
 
 
+def test_base_has_a_headless_service_for_client_side_balancing():
+    built = run(tool("kubectl"), "kustomize", str(K8S / "base"))
+    assert built.returncode == 0, built.stderr
+    services = {d["metadata"]["name"]: d for d in yaml.safe_load_all(built.stdout)
+                if d["kind"] == "Service"}
+    cluster, headless = services["axguard"], services["axguard-headless"]
+    assert headless["spec"]["clusterIP"] == "None"
+    assert cluster["spec"].get("clusterIP") != "None"
+    # The same pods and the same gRPC port, so either name reaches every replica.
+    assert headless["spec"]["selector"] == cluster["spec"]["selector"]
+    grpc_port = next(p for p in cluster["spec"]["ports"] if p["name"] == "grpc")
+    assert [p for p in headless["spec"]["ports"] if p["name"] == "grpc"] == [grpc_port]
+    (deployment,) = [d for d in yaml.safe_load_all(built.stdout) if d["kind"] == "Deployment"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert headless["spec"]["selector"].items() <= labels.items()
+
+
 def test_every_manifest_file_validates():
     files = [p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml"
              and "patch" not in p.name and p.name != "axguard.yaml"]
