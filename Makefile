@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 
-.PHONY: serve test lint proto train-demo venv tools system-deps calibrate-demo bench bench-flag bench-gax bench-memory bench-feedback bench-drift bench-transport paper-demo fuzz soak image clean
+.PHONY: serve test lint proto train-demo venv tools system-deps calibrate-demo bench bench-flag bench-gax bench-memory bench-feedback bench-drift bench-transport bench-client paper-demo fuzz soak image clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -93,6 +93,11 @@ bench-feedback: $(STAMP)
 # the thread-pool and asyncio servers, against the real server (~3 min).
 bench-transport: $(STAMP)
 	$(BIN)/python bench/transport_raw.py
+
+# One client, three demo replicas: the spread of 300 Checks and the failed calls while one
+# replica is stopped, the client's defaults against gRPC's (~1 min).
+bench-client: $(STAMP)
+	$(BIN)/python bench/client_replicas.py
 
 # The paper's experiments on the digits: fine-tune a truncated ResNet-34 to two targets and
 # draw Figures 2-4, 7, 8 for both (build/paper-demo/, bench/results/paper_demo.md).
