@@ -11,8 +11,9 @@ from captum.attr import Deconvolution, DeepLift
 from torch import nn
 
 from axguard import attribution
+from axguard.activations import make_activations_unique
 from axguard.errors import UnknownMethod
-from axguard.model import InputSpec, load_bundle, make_relus_unique, wrap_network
+from axguard.model import InputSpec, load_bundle, wrap_network
 
 IMAGENET = InputSpec(3, 64, 64, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
@@ -74,13 +75,13 @@ def test_registry_deconvolution_on_loaded_resnet_equals_hand_written(tmp_path):
                                rtol=1e-4, atol=1e-6)
 
 
-def test_make_relus_unique_gives_each_call_site_its_own_module_and_keeps_outputs(tmp_path):
+def test_make_activations_unique_gives_each_call_site_its_own_module_and_keeps_outputs(tmp_path):
     net, _ = resnet18_weights(tmp_path)
     net.eval()
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         before = net(x)
-    rewired = make_relus_unique(net)
+    rewired, _ = make_activations_unique(net)
     calls: dict[nn.Module, int] = {}
     for module in rewired.modules():
         if isinstance(module, nn.ReLU):
@@ -114,7 +115,7 @@ def test_functional_relu_becomes_a_module():
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return torch.relu(self.fc(x)) - nn.functional.relu(-x[:, :3])
 
-    rewired = make_relus_unique(Functional())
+    rewired, _ = make_activations_unique(Functional())
     assert sum(isinstance(m, nn.ReLU) for m in rewired.modules()) == 2
 
 

@@ -12,12 +12,13 @@ import torch
 import torchvision
 from test_calibration_cli import chromium
 
+from axguard.activations import make_activations_unique
 from axguard.app import build_bundle
 from axguard.calibration.datasets import load_labelled_images
 from axguard.cli import main
 from axguard.config import load_settings
 from axguard.demo.data import load_split
-from axguard.model import build_network, make_relus_unique
+from axguard.model import build_network
 from axguard.paper.figures import conv_stages
 from axguard.paper.finetune import FinetuneOptions, accuracy, finetune
 from axguard.paper.models import truncated
@@ -46,7 +47,7 @@ def test_pretrained_weights_come_from_a_local_file(tmp_path):
 
 
 def test_conv_stages_are_leaf_convs_of_each_stage():
-    traced = make_relus_unique(torchvision.models.resnet18())
+    traced, _ = make_activations_unique(torchvision.models.resnet18())
     assert conv_stages(traced) == ["conv1", "layer1.1.conv2", "layer2.1.conv2",
                                    "layer3.1.conv2", "layer4.1.conv2"]
 

@@ -48,8 +48,10 @@ def test_shared_copy_shares_parameters(resnet34):
     served = dict(resnet34.network.named_parameters())
     for name, param in shared.network.named_parameters():
         assert param.data_ptr() == served[name].data_ptr()
-    assert shared.relus == 33  # stem + 2 per BasicBlock x 16, each its own module
-    assert not any(isinstance(m, torch.nn.ReLU) for m in shared.network.modules())
+    assert shared.activations == 33  # stem + 2 per BasicBlock x 16, each its own module
+    # Every ReLU now sits inside a SwitchableActivation, which reads the rule.
+    assert not any(isinstance(m, torch.nn.ReLU) for name, m in shared.network.named_modules()
+                   if not name.endswith(".activation"))
 
 
 def test_engine_uses_the_shared_pass_and_counts_captum_calls(demo_bundle):

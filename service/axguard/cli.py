@@ -26,10 +26,12 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
                         help="YAML settings file (default: $AXGUARD_CONFIG_FILE)")
     model = parser.add_argument_group("model")
     model.add_argument("--model", dest="model.source",
-                       help="demo (default), torchvision:NAME, package.module:factory, "
-                            "torchscript:PATH or a TorchScript file")
+                       help="demo (default), torchvision:NAME, timm:NAME, "
+                            "package.module:factory, torchscript:PATH or a TorchScript "
+                            "file, or a torch.export .pt2 file")
     model.add_argument("--weights", dest="model.weights", type=Path,
-                       help="state dict file, loaded with weights_only=True")
+                       help="state dict file: .safetensors, or a torch file loaded with "
+                            "weights_only=True")
     model.add_argument("--classes", dest="model.classes", type=Path,
                        help="class names, one per line")
     model.add_argument("--num-classes", dest="model.num_classes", type=int)

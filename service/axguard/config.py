@@ -28,10 +28,13 @@ class ModelSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     source: str = "demo"
-    """"demo", "torchvision:NAME", "package.module:factory", "torchscript:PATH" or a
-    TorchScript file path."""
+    """"demo", "torchvision:NAME", "timm:NAME" (timm.create_model, nothing downloaded; its
+    pretrained configuration gives the input size, mean and std when not set),
+    "package.module:factory", "torchscript:PATH" or a TorchScript file path, or a .pt2 file
+    (a torch.export ExportedProgram: gradient methods only)."""
     weights: Path | None = None
-    """State dict file (loaded with weights_only=True); not used for demo or TorchScript."""
+    """State dict file: .safetensors (no pickle), else loaded with weights_only=True; not
+    used for demo, TorchScript or .pt2."""
     classes: Path | None = None
     """Text file with one class name per line, in class-index order."""
     num_classes: int | None = Field(default=None, ge=2)

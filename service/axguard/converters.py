@@ -220,10 +220,26 @@ def calibration_summary(artifact: CalibrationArtifact) -> pb.CalibrationSummary:
     )
 
 
+STATE_VALUES = {"exact": pb.METHOD_STATE_EXACT, "reduced": pb.METHOD_STATE_REDUCED,
+                "unavailable": pb.METHOD_STATE_UNAVAILABLE}
+
+
+def method_status_message(status: attribution.MethodStatus) -> pb.MethodStatus:
+    return pb.MethodStatus(
+        method=method_value(status.method), state=STATE_VALUES[status.state],
+        reduced_to=method_value(status.reduced_to) if status.reduced_to else 0,
+        reason=status.reason)
+
+
 def model_info(bundle: ModelBundle, default_methods: tuple[str, ...],
-               calibration: CalibrationArtifact | None = None) -> pb.ModelInfo:
-    """Return the ModelInfo message of a bundle and its calibration."""
+               calibration: CalibrationArtifact | None = None,
+               report: list[attribution.MethodStatus] | None = None) -> pb.ModelInfo:
+    """Return the ModelInfo message of a bundle, its calibration and its method report
+    (attribution.method_report, computed when not given)."""
+    report = attribution.method_report(bundle) if report is None else report
     return pb.ModelInfo(
+        method_statuses=[method_status_message(s) for s in report],
+        model_format=bundle.model_format,
         calibration=calibration_summary(calibration) if calibration is not None else None,
         name=bundle.name,
         version=bundle.version,

@@ -49,7 +49,7 @@ class Diagnoser:
         if self._network is None:
             with self._network_lock:
                 if self._network is None:
-                    self._network = (self.bundle.network if self.bundle.torchscript
+                    self._network = (self.bundle.network if not self.bundle.hookable
                                      else shared_copy(self.bundle.network))
         return self._network
 

@@ -269,6 +269,8 @@ class Engine:
                  shared_pass: bool = True) -> None:
         self.bundle = bundle
         self.available = [m.name for m in attribution.available_methods(bundle)]
+        self.method_report = attribution.method_report(bundle)
+        """What each method is on this model (exact, reduced, unavailable, and why)."""
         for name in default_methods:
             spec = attribution.get_method(name)  # UnknownMethod: no such method at all
             try:
@@ -288,7 +290,7 @@ class Engine:
         (TorchScript)."""
         # One recorded forward serves every backward pass; TorchScript has only the
         # ordinary gradient rule (no ReLU modules to switch).
-        self._pass = SharedPass(bundle.network, switchable=not bundle.torchscript)
+        self._pass = SharedPass(bundle.network, switchable=bundle.hookable)
         self._shared_heatmaps = shared_pass
         self.zero_heatmaps: dict[str, int] = {}
         """All-zero heatmaps seen so far, by method (their scores were set to 0)."""

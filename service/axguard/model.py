@@ -10,6 +10,7 @@ import copy
 import hashlib
 import importlib
 import inspect
+import io
 import logging
 import warnings
 import zipfile
@@ -21,6 +22,7 @@ import torchvision
 from torch import nn
 from torchvision.transforms import Normalize
 
+from .activations import TraceReport, make_activations_unique, reused_activations
 from .errors import ConfigError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -68,11 +70,27 @@ class ModelBundle:
     torchscript: bool = False
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     grad_cam_layer: str | None = None
+    exported: bool = False
+    """A torch.export ExportedProgram (.pt2): like TorchScript, no modules to hook."""
+    trace: TraceReport = field(default_factory=TraceReport)
+    """How the activations were made unique (or why fx could not trace the network)."""
 
     @property
     def num_classes(self) -> int:
         """Number of classes."""
         return len(self.class_names)
+
+    @property
+    def hookable(self) -> bool:
+        """True when the network is made of nn.Modules that hooks and swaps can reach (not
+        TorchScript, not an ExportedProgram): every method is possible."""
+        return not (self.torchscript or self.exported)
+
+    @property
+    def model_format(self) -> str:
+        """"module", "torchscript" or "exported_program"."""
+        return "torchscript" if self.torchscript else (
+            "exported_program" if self.exported else "module")
 
 
 def sha256_file(path: Path) -> str:
@@ -92,25 +110,56 @@ def is_torchscript_file(path: Path) -> bool:
         return any("/code/" in n or n.startswith("code/") for n in archive.namelist())
 
 
+SOURCE_FORMS = ("'torchvision:NAME', 'timm:NAME', 'package.module:factory', a TorchScript "
+                "file or a torch.export .pt2 file")
+
+
+def _require_timm_model(name: str) -> None:
+    import timm
+
+    if not timm.is_model(name):
+        raise ConfigError(f"timm has no architecture {name!r} (timm.list_models() lists "
+                          "them)", field="model.source")
+
+
+def timm_defaults(name: str) -> tuple[tuple[int, int, int], tuple[float, ...],
+                                      tuple[float, ...]] | None:
+    """(input C×H×W, mean, std) of timm's pretrained configuration of an architecture (no
+    download: the configuration ships with timm); None when it has none. ConfigError for a
+    name timm does not know."""
+    import timm.models
+
+    _require_timm_model(name)
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:  # noqa: BLE001  (no pretrained configuration: the settings decide)
+        return None
+    if cfg is None or not cfg.input_size:
+        return None
+    return tuple(cfg.input_size), tuple(cfg.mean), tuple(cfg.std)  # type: ignore[return-value]
+
+
 def build_network(source: str, num_classes: int,
                   input_size: tuple[int, int] | None = None) -> nn.Module:
-    """Return an untrained network from `torchvision:NAME` or `package.module:factory`.
+    """Return an untrained network from `torchvision:NAME`, `timm:NAME` or
+    `package.module:factory`; nothing is downloaded.
 
     A factory is called with `num_classes=` (and `input_size=(H, W)`, when given) for each
     of those keywords it accepts.
     """
     if ":" not in source:
-        raise ConfigError(
-            f"expected 'torchvision:NAME', 'package.module:factory' or a TorchScript file, "
-            f"got {source!r}",
-            field="model.source",
-        )
+        raise ConfigError(f"expected {SOURCE_FORMS}, got {source!r}", field="model.source")
     prefix, _, attr = source.partition(":")
     if prefix == "torchvision":
         try:
             return torchvision.models.get_model(attr, weights=None, num_classes=num_classes)
         except ValueError as err:
             raise ConfigError(str(err), field="model.source") from err
+    if prefix == "timm":
+        import timm
+
+        _require_timm_model(attr)
+        return timm.create_model(attr, pretrained=False, num_classes=num_classes)
     try:
         module = importlib.import_module(prefix)
         factory = getattr(module, attr)
@@ -130,7 +179,17 @@ def build_network(source: str, num_classes: int,
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Return the state dict in `path`, loaded with weights_only=True (no code unpickled)."""
+    """Return the state dict in `path`: a `.safetensors` file (no pickle at all), or a torch
+    file loaded with weights_only=True (no code unpickled)."""
+    if Path(path).suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ModelLoadError(f"cannot load weights {path}: {err}",
+                                 field="model.weights") from err
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a bad file
@@ -153,53 +212,6 @@ def shared_copy(network: nn.Module) -> nn.Module:
     for param in copied.parameters():
         param.requires_grad_(False)
     return copied
-
-
-def make_relus_unique(network: nn.Module) -> nn.Module:
-    """Return `network` with every ReLU a separate, non-inplace module at each call site.
-
-    DeepLift and GuidedBackprop hook ReLU modules: a ReLU reused twice (torchvision ResNet)
-    or a functional relu is invisible or double-counted (DESIGN 1.9). ReLU modules are made
-    non-inplace; then the forward is traced with torch.fx and every reused ReLU module and
-    functional relu gets its own module. If tracing fails, the network is kept as it is and
-    a warning is logged.
-    """
-    for module in network.modules():
-        if isinstance(module, nn.ReLU):
-            module.inplace = False
-    try:
-        traced = torch.fx.symbolic_trace(network)
-    except Exception as err:  # fx raises many types on dynamic control flow
-        log.warning("relu_trace_failed", extra={"error": str(err)})
-        return network
-    seen: set[str] = set()
-    changed = False
-    count = 0
-    for node in list(traced.graph.nodes):
-        is_relu_module = node.op == "call_module" and isinstance(
-            traced.get_submodule(node.target), nn.ReLU
-        )
-        is_relu_function = node.op in ("call_function", "call_method") and node.target in (
-            torch.relu, torch.nn.functional.relu, "relu",
-        )
-        if is_relu_module and node.target not in seen:
-            seen.add(node.target)
-            continue
-        if not (is_relu_module or is_relu_function):
-            continue
-        count += 1
-        name = f"axguard_relu_{count}"
-        traced.add_submodule(name, nn.ReLU())
-        with traced.graph.inserting_after(node):
-            new = traced.graph.call_module(name, args=(node.args[0],))
-        node.replace_all_uses_with(new)
-        traced.graph.erase_node(node)
-        changed = True
-    if not changed:
-        return network
-    traced.graph.lint()
-    traced.recompile()
-    return traced
 
 
 def wrap_network(network: nn.Module, spec: InputSpec) -> nn.Module:
@@ -229,6 +241,84 @@ def read_class_names(path: Path | None, num_classes: int | None) -> list[str]:
     return [str(i) for i in range(num_classes)]
 
 
+def check_exported_archive(path: Path) -> None:
+    """Refuse a .pt2 archive that would unpickle anything when torch.export loads it: every
+    weight and constant must be stored as raw tensor bytes, and its example inputs must load
+    with weights_only=True (torch.export.load falls back to a full unpickle otherwise)."""
+    import json
+
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as err:
+        raise ModelLoadError(f"{path} is not a torch.export archive: {err}",
+                             field="model.source") from err
+    with archive:
+        names = archive.namelist()
+        if not any(n.endswith("/archive_format") for n in names):
+            raise ModelLoadError(f"{path} is not a torch.export archive (no archive_format)",
+                                 field="model.source")
+        for name in names:
+            if name.endswith(("_weights_config.json", "_constants_config.json")):
+                config = json.loads(archive.read(name)).get("config", {})
+                pickled = [k for k, v in config.items() if v.get("use_pickle", True)]
+                if pickled:
+                    raise ModelLoadError(
+                        f"{path} stores {pickled[:3]} pickled, which loading would execute; "
+                        "export with plain tensors", field="model.source")
+            elif "/sample_inputs/" in name:
+                try:
+                    torch.load(io.BytesIO(archive.read(name)), weights_only=True)
+                except Exception as err:
+                    raise ModelLoadError(f"{path}: its example inputs need a full unpickle "
+                                         f"({type(err).__name__})", field="model.source") from err
+
+
+class ExportedModule(nn.Module):
+    """The module of an ExportedProgram: its graph is fixed in eval mode (train() would
+    raise), and a program exported for one batch size (`batch`) runs on any batch in chunks
+    of it."""
+
+    def __init__(self, program: nn.Module, batch: int | None) -> None:
+        super().__init__()
+        self.program = program
+        self.batch = batch
+
+    def train(self, mode: bool = True) -> ExportedModule:
+        self.training = mode  # the exported graph itself has no train mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.batch is None or x.shape[0] == self.batch:
+            return self.program(x)
+        outs = []
+        for start in range(0, x.shape[0], self.batch):
+            chunk = x[start:start + self.batch]
+            short = self.batch - chunk.shape[0]
+            if short:  # pad the last chunk; its padding rows are dropped
+                chunk = torch.cat([chunk, chunk[-1:].expand(short, *chunk.shape[1:])])
+            outs.append(self.program(chunk)[:self.batch - short])
+        return torch.cat(outs)
+
+
+def load_exported(path: Path, spec: InputSpec) -> nn.Module:
+    """Return the module of a torch.export ExportedProgram (.pt2), checked first by
+    check_exported_archive; a program exported for one batch size runs in chunks of it."""
+    check_exported_archive(path)
+    try:
+        program = torch.export.load(str(path)).module()
+    except Exception as err:  # noqa: BLE001  (torch raises many types for a bad archive)
+        raise ModelLoadError(f"cannot load {path}: {err}", field="model.source") from err
+    for batch in (2, 1):
+        try:
+            with torch.no_grad():
+                program(torch.zeros((batch, *spec.shape)))
+        except Exception:  # noqa: BLE001, S112  (a guard on the batch size: try the next)
+            continue
+        return ExportedModule(program, None if batch == 2 else 1)
+    raise ModelLoadError(f"{path} does not run on a {list(spec.shape)} input",
+                         field="model.input_size")
+
+
 def load_bundle(
     source: str,
     *,
@@ -242,8 +332,10 @@ def load_bundle(
 ) -> ModelBundle:
     """Return a ModelBundle from a source string, weights file and spec.
 
-    `source` is `torchvision:NAME`, `package.module:factory`, `torchscript:PATH` or a path to
-    a TorchScript file. The fingerprint is the sha256 of the weights (or TorchScript) file.
+    `source` is `torchvision:NAME`, `timm:NAME`, `package.module:factory` (weights: a state
+    dict, `.safetensors` or a torch file), `torchscript:PATH` or a TorchScript file, or a
+    `.pt2` file (torch.export). The fingerprint is the sha256 of the weights (or program)
+    file.
     """
     torch_device = torch.device(device)
     script_path: Path | None = None
@@ -251,6 +343,8 @@ def load_bundle(
         script_path = Path(source.removeprefix("torchscript:"))
     elif Path(source).suffix in (".pt", ".pth", ".ts") and Path(source).exists():
         script_path = Path(source)
+    trace = TraceReport()
+    torchscript = exported = False
     if script_path is not None:
         if not is_torchscript_file(script_path):
             raise ModelLoadError(f"{script_path} is not a TorchScript archive",
@@ -262,6 +356,14 @@ def load_bundle(
         fingerprint = sha256_file(script_path)
         default_name = script_path.stem
         torchscript = True
+    elif Path(source).suffix == ".pt2":
+        program_path = Path(source)
+        if not program_path.is_file():
+            raise ModelLoadError(f"no such file {program_path}", field="model.source")
+        network = load_exported(program_path, spec)
+        fingerprint = sha256_file(program_path)
+        default_name = program_path.stem
+        exported = True
     else:
         network = build_network(source, len(class_names), (spec.height, spec.width))
         if weights is None:
@@ -272,11 +374,13 @@ def load_bundle(
         except RuntimeError as err:
             raise ModelLoadError(f"weights do not fit {source}: {err}",
                                  field="model.weights") from err
-        network = make_relus_unique(network)
+        network, trace = make_activations_unique(network)
         fingerprint = sha256_file(weights)
         default_name = source.partition(":")[2]
-        torchscript = False
     wrapped = wrap_network(network, spec).to(torch_device)
+    if trace.error is not None:  # fx could not help: which activations are still shared
+        trace.reused = reused_activations(
+            wrapped, torch.zeros((1, *spec.shape), device=torch_device))
     bundle = ModelBundle(
         network=wrapped,
         spec=spec,
@@ -287,6 +391,8 @@ def load_bundle(
         torchscript=torchscript,
         device=torch_device,
         grad_cam_layer=grad_cam_layer,
+        exported=exported,
+        trace=trace,
     )
     _check_output_shape(bundle)
     return bundle

@@ -17,6 +17,7 @@ engine's (one status table in server.py) with messages naming the input.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 import time
@@ -314,6 +315,8 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
                 "class_names": json.dumps(bundle.class_names),
                 "parameters": ", ".join(PARAMETERS),
                 "methods_available": ",".join(engine.available),
+                "methods_report": json.dumps([dataclasses.asdict(s)
+                                              for s in engine.method_report]),
                 "ax_processes_available": ",".join(scoring.AX_PROCESSES),
                 "calibration_id": calibration.calibration_id if calibration else "",
                 "flag_threshold": str(calibration.flag.threshold) if calibration else "",

@@ -200,7 +200,7 @@ class ConfidenceServicer(pb_grpc.ConfidenceServiceServicer):
         plane = self.plane
         plane.ensure_ready(warm=False)  # the description is valid before the warm-up
         info = model_info(self.engine.bundle, self.engine.default_methods,
-                          self.engine.calibration)
+                          self.engine.calibration, self.engine.method_report)
         live = plane.live
         info.torch_threads = plane.thread_choice.threads
         info.torch_threads_choice = plane.thread_choice.describe()

@@ -1,88 +1,46 @@
 """Shared passes: one recorded forward of x serves Saliency, Deconvolution, GuidedBackprop
 and InputXGradient.
 
-These methods differ only in how a ReLU passes gradients back (Captum hooks nn.ReLU
-modules and nothing else):
-    Saliency / InputXGradient   grad · [x > 0]            (the ordinary ReLU backward)
-    Deconvolution               max(grad, 0)              (Zeiler & Fergus)
-    GuidedBackprop              max(grad, 0) · [x > 0]    (Springenberg et al.)
-so a copy of the network whose ReLUs read the rule at backward time gives all of them from
-one forward pass, one backward pass each (graph retained between them). The copy shares
-the parameters of the served network and is only used under the engine's lock. Which rule
-gives which method is the method registry's (attribution.MethodSpec.backward_rule).
+These methods differ only in how a rectifying activation passes gradients back
+(activations.py states the rules; at ReLU they are Captum's):
+    Saliency / InputXGradient   R · f'(x)                  (the ordinary backward)
+    Deconvolution               max(R, 0)                  (Zeiler & Fergus)
+    GuidedBackprop              max(R, 0) · max(f'(x), 0)  (Springenberg et al.)
+so a copy of the network whose activations read the rule at backward time gives all of
+them from one forward pass, one backward pass each (graph retained between them). The copy
+shares the parameters of the served network and is only used under the engine's lock.
+Which rule gives which method is the method registry's (attribution.MethodSpec.backward_rule).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
+from .activations import RuleState, switch_activations
 from .attribution import get_method, shared_methods
 from .model import shared_copy
 
 SHARED_METHODS = shared_methods()
 
 
-@dataclass
-class _Rule:
-    """The backward rule every switchable ReLU of one network applies right now."""
-
-    name: str = "plain"
-
-
-class _SwitchableReluFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, rule: _Rule) -> torch.Tensor:  # noqa: ANN001
-        ctx.rule = rule
-        out = torch.relu(x)
-        ctx.save_for_backward(out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
-        (out,) = ctx.saved_tensors
-        name = ctx.rule.name
-        if name == "deconvolution":
-            return torch.relu(grad), None
-        # aten's own ReLU backward kernel: pass grad where the output is positive.
-        passed = torch.ops.aten.threshold_backward(grad, out, 0)
-        return (torch.relu(passed) if name == "guided" else passed), None
-
-
-class SwitchableReLU(nn.Module):
-    """A ReLU whose backward rule is chosen when gradients are taken."""
-
-    def __init__(self, rule: _Rule) -> None:
-        super().__init__()
-        self.rule = rule
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _SwitchableReluFn.apply(x, self.rule)
-
-
 class SharedPass:
     """Heatmaps and input gradients of several backward rules from one forward pass.
 
-    With `switchable=False` (TorchScript: no modules to swap) the network is used as it is
-    and only the plain rule (ordinary gradients) is available.
+    With `switchable=False` (TorchScript, an ExportedProgram: no modules to swap) the
+    network is used as it is and only the plain rule (ordinary gradients) is available.
     """
 
     def __init__(self, network: nn.Module, *, switchable: bool = True) -> None:
-        self.rule = _Rule()
-        self.relus = 0
+        self.rule = RuleState()
+        self.activations = 0
+        """Rectifying activations whose backward rule this pass switches."""
         self.switchable = switchable
         if not switchable:
             self.network = network
             return
         shared = shared_copy(network)
-        for name, module in list(shared.named_modules()):
-            if isinstance(module, nn.ReLU):
-                parent_name, _, child = name.rpartition(".")
-                parent = shared.get_submodule(parent_name) if parent_name else shared
-                setattr(parent, child, SwitchableReLU(self.rule))
-                self.relus += 1
+        self.activations = switch_activations(shared, self.rule)
         self.network = shared.eval()
 
     def supports(self, method: str) -> bool:
@@ -108,7 +66,7 @@ class SharedPass:
         try:
             for i, (rule, coefficients) in enumerate(requests):
                 if rule != "plain" and not self.switchable:
-                    raise ValueError(f"rule {rule!r} needs switchable ReLUs")
+                    raise ValueError(f"rule {rule!r} needs switchable activations")
                 self.rule.name = rule
                 objective = (logits * coefficients.to(logits.dtype)).sum()
                 (grad,) = torch.autograd.grad(objective, leaf,

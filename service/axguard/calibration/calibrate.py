@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from ..attribution import available_methods, list_methods
+from ..attribution import available_methods, duplicate_methods, list_methods
 from ..engine import CheckItem, Engine, EvidencePlan
 from ..errors import ConfigError, InvalidInput
 from ..scoring import AX_PROCESSES
@@ -97,6 +97,19 @@ def check_families(families: Sequence[str], epsilons: Sequence[float],
     if "views" in families and not views:
         raise ConfigError("the views family needs views in the model's settings "
                           "(e.g. --views hflip,shift:1:0)", field="model.views")
+
+
+def check_distinct_methods(engine: Engine, pairs: Sequence[tuple[str, str]],
+                           families: Sequence[str]) -> None:
+    """Raise ConfigError naming the pairs whose methods are one method in effect on this
+    model (e.g. Deconvolution on a network without rectifiers is Saliency): the risk model
+    would get one feature twice."""
+    offered = [m for m, _ in pairs] + (["saliency"] if "counterfactual" in families else [])
+    duplicates = duplicate_methods(engine.bundle, offered)
+    if duplicates:
+        named = "; ".join(f"{method} is {same} on this model ({why})"
+                          for method, same, why in duplicates)
+        raise ConfigError(f"{named}: offer only one of each", field="pairs")
 
 
 def candidate_families(engine: Engine, pairs: Sequence[tuple[str, str]],
@@ -262,6 +275,7 @@ def calibrate(
     if "views" not in families and views:
         families.append("views")
     check_families(families, epsilons, views)
+    check_distinct_methods(engine, pairs, families)
     if mode not in ("false_alarm", "error_recall"):
         raise ValueError(f"unknown mode {mode!r}")
     if max_cost is not None and not max_cost >= 0:

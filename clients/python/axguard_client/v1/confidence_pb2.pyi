@@ -22,6 +22,13 @@ class AxProcess(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     AX_PROCESS_UNSPECIFIED: _ClassVar[AxProcess]
     AX_PROCESS_SUM: _ClassVar[AxProcess]
     AX_PROCESS_PRODUCT: _ClassVar[AxProcess]
+
+class MethodState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    METHOD_STATE_UNSPECIFIED: _ClassVar[MethodState]
+    METHOD_STATE_EXACT: _ClassVar[MethodState]
+    METHOD_STATE_REDUCED: _ClassVar[MethodState]
+    METHOD_STATE_UNAVAILABLE: _ClassVar[MethodState]
 ATTRIBUTION_METHOD_UNSPECIFIED: AttributionMethod
 ATTRIBUTION_METHOD_SALIENCY: AttributionMethod
 ATTRIBUTION_METHOD_DECONVOLUTION: AttributionMethod
@@ -32,6 +39,10 @@ ATTRIBUTION_METHOD_LAYER_GRAD_CAM: AttributionMethod
 AX_PROCESS_UNSPECIFIED: AxProcess
 AX_PROCESS_SUM: AxProcess
 AX_PROCESS_PRODUCT: AxProcess
+METHOD_STATE_UNSPECIFIED: MethodState
+METHOD_STATE_EXACT: MethodState
+METHOD_STATE_REDUCED: MethodState
+METHOD_STATE_UNAVAILABLE: MethodState
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "data")
@@ -226,7 +237,7 @@ class CalibrationSummary(_message.Message):
     def __init__(self, calibration_id: _Optional[str] = ..., created_at: _Optional[str] = ..., mode: _Optional[str] = ..., target: _Optional[float] = ..., delta: _Optional[float] = ..., threshold: _Optional[float] = ..., achieved_false_alarm_rate: _Optional[float] = ..., achieved_error_recall: _Optional[float] = ..., auroc_risk: _Optional[float] = ..., auroc_msp: _Optional[float] = ..., n_images: _Optional[int] = ..., n_errors: _Optional[int] = ..., risk_features: _Optional[_Iterable[str]] = ..., gax_target: _Optional[float] = ..., data_source: _Optional[str] = ..., families: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "fingerprint", "class_names", "input_shape", "mean", "std", "available_methods", "default_methods", "calibration", "torchscript", "device", "feedback", "torch_threads", "torch_threads_choice", "max_batch_items", "max_message_bytes")
+    __slots__ = ("name", "version", "fingerprint", "class_names", "input_shape", "mean", "std", "available_methods", "default_methods", "calibration", "torchscript", "device", "feedback", "torch_threads", "torch_threads_choice", "max_batch_items", "max_message_bytes", "method_statuses", "model_format")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -244,6 +255,8 @@ class ModelInfo(_message.Message):
     TORCH_THREADS_CHOICE_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_ITEMS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    METHOD_STATUSES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FORMAT_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     fingerprint: str
@@ -261,7 +274,21 @@ class ModelInfo(_message.Message):
     torch_threads_choice: str
     max_batch_items: int
     max_message_bytes: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., fingerprint: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., available_methods: _Optional[_Iterable[_Union[AttributionMethod, str]]] = ..., default_methods: _Optional[_Iterable[_Union[AttributionMethod, str]]] = ..., calibration: _Optional[_Union[CalibrationSummary, _Mapping]] = ..., torchscript: _Optional[bool] = ..., device: _Optional[str] = ..., feedback: _Optional[_Union[FeedbackInfo, _Mapping]] = ..., torch_threads: _Optional[int] = ..., torch_threads_choice: _Optional[str] = ..., max_batch_items: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    method_statuses: _containers.RepeatedCompositeFieldContainer[MethodStatus]
+    model_format: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., fingerprint: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., available_methods: _Optional[_Iterable[_Union[AttributionMethod, str]]] = ..., default_methods: _Optional[_Iterable[_Union[AttributionMethod, str]]] = ..., calibration: _Optional[_Union[CalibrationSummary, _Mapping]] = ..., torchscript: _Optional[bool] = ..., device: _Optional[str] = ..., feedback: _Optional[_Union[FeedbackInfo, _Mapping]] = ..., torch_threads: _Optional[int] = ..., torch_threads_choice: _Optional[str] = ..., max_batch_items: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., method_statuses: _Optional[_Iterable[_Union[MethodStatus, _Mapping]]] = ..., model_format: _Optional[str] = ...) -> None: ...
+
+class MethodStatus(_message.Message):
+    __slots__ = ("method", "state", "reduced_to", "reason")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REDUCED_TO_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    method: AttributionMethod
+    state: MethodState
+    reduced_to: AttributionMethod
+    reason: str
+    def __init__(self, method: _Optional[_Union[AttributionMethod, str]] = ..., state: _Optional[_Union[MethodState, str]] = ..., reduced_to: _Optional[_Union[AttributionMethod, str]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class FeedbackInfo(_message.Message):
     __slots__ = ("enabled", "signing_key_id", "max_age_seconds", "max_items")
