@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 
-.PHONY: serve test lint proto train-demo venv tools system-deps calibrate-demo bench bench-flag bench-gax bench-memory bench-feedback bench-drift bench-transport bench-client paper-demo fuzz soak image clean
+.PHONY: serve test test-registry lint proto train-demo venv tools system-deps calibrate-demo bench bench-flag bench-gax bench-memory bench-feedback bench-drift bench-transport bench-client bench-modern paper-demo fuzz soak image clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -57,6 +57,11 @@ serve: $(STAMP)
 test: $(STAMP) $(BUF) $(TRITON_STAMP) system-deps
 	PATH="$(CURDIR)/.tools/node_modules/.bin:$$PATH" $(BIN)/pytest $(PYTEST_ARGS)
 
+# Every torchvision classification architecture, the heavy ones (over 30 M parameters)
+# included: each serves a Check with every method it has (tests/test_registry.py).
+test-registry: $(STAMP)
+	$(BIN)/pytest tests/test_registry.py -m '' $(PYTEST_ARGS)
+
 lint: $(STAMP) $(BUF)
 	$(BIN)/ruff check service clients tests scripts
 	$(BUF) lint
@@ -93,6 +98,11 @@ bench-feedback: $(STAMP)
 # the thread-pool and asyncio servers, against the real server (~3 min).
 bench-transport: $(STAMP)
 	$(BIN)/python bench/transport_raw.py
+
+# Check cost ÷ plain forward on ConvNeXt-T, Swin-T, EfficientNet-B0, MobileNetV3-S and
+# ResNet-18 at 64x64 (~3 min).
+bench-modern: $(STAMP)
+	$(BIN)/python bench/modern_models.py
 
 # One client, three demo replicas: the spread of 300 Checks and the failed calls while one
 # replica is stopped, the client's defaults against gRPC's (~1 min).

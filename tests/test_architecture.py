@@ -14,8 +14,8 @@ PACKAGE = ROOT / "service" / "axguard"
 
 # The layers (ARCHITECTURE.md). Modules are named relative to the axguard package.
 PURE = {"errors", "scoring", "verdict", "drift", "feedback", "threads"}
-ENGINE = PURE | {"model", "preprocess", "activations", "attribution", "sharedpass", "evidence", "engine",
-                 "gax", "calibration.artifact", "config"}
+ENGINE = PURE | {"model", "preprocess", "activations", "attribution", "sharedpass",
+                 "evidence", "engine", "gax", "calibration.artifact", "config"}
 DATA_PLANE = ENGINE | {"batching", "diagnoser", "live", "metrics", "dataplane"}
 TRANSPORT = {"server", "rpc", "interceptors", "openinference", "converters", "security",
              "transport_cost", "startup", "workers", "v1", "oip"}

@@ -25,7 +25,7 @@ import torch
 
 from . import attribution, evidence, scoring
 from .calibration.artifact import CalibrationArtifact, check_matches
-from .errors import ConfigError, InvalidInput, NonFiniteOutput
+from .errors import ConfigError, InvalidInput, NonFiniteOutput, UnknownMethod
 from .model import ModelBundle
 from .sharedpass import SharedPass, finish_heatmap, rule_of
 from .verdict import Evidence, Family
@@ -268,21 +268,25 @@ class Engine:
                  calibration: CalibrationArtifact | None = None, *,
                  shared_pass: bool = True) -> None:
         self.bundle = bundle
-        self.available = [m.name for m in attribution.available_methods(bundle)]
-        self.method_report = attribution.method_report(bundle)
+        self._heatmap_fns: dict[str, attribution.HeatmapFn] = {}
+        self._lock = threading.Lock()
+        self.method_report = self._probed(attribution.method_report(bundle))
         """What each method is on this model (exact, reduced, unavailable, and why)."""
+        self._unavailable = {s.method: s.reason for s in self.method_report
+                             if s.state == "unavailable"}
+        self.available = [m.name for m in attribution.available_methods(bundle)
+                          if m.name not in self._unavailable]
         for name in default_methods:
             spec = attribution.get_method(name)  # UnknownMethod: no such method at all
             try:
                 attribution.check_available(spec, bundle)
+                self._require_usable(name)
             except InvalidInput as err:
                 raise ConfigError(err.args[0], field="attribution.default_methods") from err
         if not default_methods:
             raise ConfigError("at least one default method is needed",
                               field="attribution.default_methods")
         self.default_methods = tuple(default_methods)
-        self._heatmap_fns: dict[str, attribution.HeatmapFn] = {}
-        self._lock = threading.Lock()
         self.ready = False
         self.captum_calls: dict[str, int] = {}
         """Images whose heatmap came from Captum itself, by method: DeepLift and Grad-CAM
@@ -311,6 +315,36 @@ class Engine:
             self._heatmap_fn(name)
         for text in self.plan.views:
             self._view(text)
+
+    def _probed(self, report: list[attribution.MethodStatus]) -> list[attribution.MethodStatus]:
+        """Run Captum's own methods (DeepLift, Grad-CAM) once on a grey image: one that
+        fails on this network (a hooked module fed a constant, as in Swin v2's position
+        bias MLP; no Conv2d for Grad-CAM) is reported unavailable with Captum's error,
+        instead of failing every request that names it."""
+        probe = torch.full((1, *self.bundle.spec.shape), 0.5, device=self.bundle.device)
+        out = []
+        for status in report:
+            if (status.state != "unavailable"
+                    and attribution.get_method(status.method).backward_rule is None):
+                try:
+                    with self._lock:
+                        self._heatmap_fn(status.method)(probe, torch.zeros(
+                            1, dtype=torch.long, device=probe.device))
+                except Exception as err:  # noqa: BLE001  (Captum and torch raise many types)
+                    self._heatmap_fns.pop(status.method, None)
+                    first = str(err).splitlines()[0] if str(err) else ""
+                    status = attribution.MethodStatus(
+                        status.method, "unavailable",
+                        f"Captum's {status.method} fails on this network "
+                        f"({type(err).__name__}: {first})")
+            out.append(status)
+        return out
+
+    def _require_usable(self, name: str) -> None:
+        """Raise UnknownMethod for a method the report marks unavailable on this model."""
+        if name in self._unavailable:
+            raise UnknownMethod(f"{name} is unavailable on this model: "
+                                f"{self._unavailable[name]}", field="methods")
 
     def _heatmap_fn(self, name: str) -> attribution.HeatmapFn:
         if name not in self._heatmap_fns:  # names were validated (resolve, __init__)
@@ -353,6 +387,7 @@ class Engine:
                    or self.default_methods)
         for name in methods:
             attribution.require(name, self.bundle)
+            self._require_usable(name)
         processes = (tuple(dict.fromkeys(p for _, p in pairs))
                      or tuple(dict.fromkeys(item.ax_processes)) or DEFAULT_AX_PROCESSES)
         for process in processes:

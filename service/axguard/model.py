@@ -6,6 +6,7 @@ tensor the engine sees is pixel space, float32 in [0, 1] (DESIGN 1.1).
 
 from __future__ import annotations
 
+import collections
 import copy
 import hashlib
 import importlib
@@ -369,12 +370,20 @@ def load_bundle(
         if weights is None:
             raise ConfigError("a state dict file is required for this model",
                               field="model.weights")
+        state = load_state_dict(weights)
+        if getattr(state, "_metadata", None) is None:
+            # safetensors keeps no module versions, which some modules' loaders read
+            # (torchvision's MNASNet): those of the architecture just built stand in.
+            state = collections.OrderedDict(state)
+            state._metadata = getattr(network.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
         try:
-            network.load_state_dict(load_state_dict(weights))
+            network.load_state_dict(state)
         except RuntimeError as err:
             raise ModelLoadError(f"weights do not fit {source}: {err}",
                                  field="model.weights") from err
-        network, trace = make_activations_unique(network)
+        # Traced in eval mode: the served graph (GoogLeNet and Inception return their
+        # auxiliary heads only in training).
+        network, trace = make_activations_unique(network.eval())
         fingerprint = sha256_file(weights)
         default_name = source.partition(":")[2]
     wrapped = wrap_network(network, spec).to(torch_device)
