@@ -54,6 +54,13 @@ def load(name: str, folder) -> tuple:  # noqa: ANN001
     save_file({k: v.detach().clone().contiguous() for k, v in network.state_dict().items()},
               str(weights))
     errors = []
+    try:
+        return _load_at_some_size(name, weights, errors)
+    finally:
+        weights.unlink()  # up to 2.5 GB for the largest: loaded, no longer needed
+
+
+def _load_at_some_size(name: str, weights, errors: list) -> tuple:  # noqa: ANN001
     for size in SIZES:
         spec = InputSpec(3, size, size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
         try:
