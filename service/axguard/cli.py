@@ -237,9 +237,9 @@ def _run(args: argparse.Namespace, body: Callable[[Any], int]) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from .server import serve
+    from .workers import launch
 
-    return _run(args, serve)
+    return _run(args, launch)
 
 
 def parse_pairs(value: str) -> list[tuple[str, str]]:

@@ -28,7 +28,7 @@ from .calibration.artifact import CalibrationArtifact, check_matches
 from .errors import ConfigError, InvalidInput, NonFiniteOutput, UnknownMethod
 from .model import ModelBundle
 from .sharedpass import SharedPass, finish_heatmap, rule_of
-from .verdict import Evidence, Family
+from .verdict import Evidence, EvidencePlan
 
 log = logging.getLogger(__name__)
 
@@ -130,40 +130,6 @@ class CheckResult:
         """Return the result of an item whose outputs were not finite: no numbers."""
         return cls(class_index=-1, class_name="", probability=0.0, logits=[],
                    probabilities=[], scores=[], timing=timing, error=error)
-
-
-@dataclass(frozen=True)
-class EvidencePlan:
-    """The evidence a batch computes for the verdict, beyond the logits."""
-
-    boundary: bool = False
-    counterfactual: tuple[str, ...] = ()
-    """Methods whose runner-up heatmap h₂ and own heatmap h feed counterfactual inputs."""
-    epsilons: tuple[float, ...] = ()
-    """Perturbation steps."""
-    views: tuple[str, ...] = ()
-    co_pairs: tuple[tuple[str, str], ...] = ()
-    """(method, AX process) pairs whose label-free CO scores the verdict uses."""
-
-    @classmethod
-    def of(cls, families: Sequence[Family]) -> EvidencePlan:
-        """Return the plan that computes exactly the given families."""
-        return cls(
-            boundary=any(f.name == "boundary" for f in families),
-            counterfactual=tuple(dict.fromkeys(
-                str(f.method) for f in families if f.name == "counterfactual")),
-            epsilons=tuple(dict.fromkeys(
-                float(f.epsilon or 0) for f in families if f.name == "perturbation")),
-            views=tuple(dict.fromkeys(v for f in families if f.name == "views"
-                                      for v in f.views)),
-            co_pairs=tuple(dict.fromkeys((p.method, p.ax_process) for f in families
-                                         if f.name == "co" for p in f.pairs)),
-        )
-
-    @property
-    def methods(self) -> tuple[str, ...]:
-        """Every attribution method the plan needs."""
-        return tuple(dict.fromkeys((*self.counterfactual, *(m for m, _ in self.co_pairs))))
 
 
 @dataclass

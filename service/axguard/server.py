@@ -337,15 +337,11 @@ def drain(parts: ServerParts, grace: float) -> None:
 
 def serve(settings: Settings, on_ready: Callable[[int], None] | None = None,
           warm_first: bool = False) -> int:
-    """Run the server until SIGTERM or SIGINT; return the exit code. With
-    `server.processes` > 1, run that many worker processes instead (workers.py);
-    `on_ready(metrics port)` is called once the server is SERVING. `warm_first` warms the
-    engine up and picks its threads before binding the port (a worker sharing the port must
-    not receive connections it cannot answer yet)."""
-    if settings.server.processes > 1:
-        from .workers import serve_processes
-
-        return serve_processes(settings)
+    """Run one server process until SIGTERM or SIGINT; return the exit code (several
+    processes: workers.launch chooses, and its workers call this). `on_ready(metrics port)`
+    is called once the server is SERVING. `warm_first` warms the engine up and picks its
+    threads before binding the port (a worker sharing the port must not receive
+    connections it cannot answer yet)."""
     from .app import build_engine
 
     configure_torch(settings)

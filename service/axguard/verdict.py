@@ -23,6 +23,7 @@ Families (each a unit that calibration keeps or drops):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -352,3 +353,37 @@ class FlagModel(BaseModel):
         features = features_of(self.families, evidence)
         risk = predict_risk(self.risk_model, features)
         return risk, flags(self.mode, self.threshold, risk), features
+
+
+@dataclass(frozen=True)
+class EvidencePlan:
+    """The evidence a batch computes for the verdict, beyond the logits."""
+
+    boundary: bool = False
+    counterfactual: tuple[str, ...] = ()
+    """Methods whose runner-up heatmap h₂ and own heatmap h feed counterfactual inputs."""
+    epsilons: tuple[float, ...] = ()
+    """Perturbation steps."""
+    views: tuple[str, ...] = ()
+    co_pairs: tuple[tuple[str, str], ...] = ()
+    """(method, AX process) pairs whose label-free CO scores the verdict uses."""
+
+    @classmethod
+    def of(cls, families: Sequence[Family]) -> EvidencePlan:
+        """Return the plan that computes exactly the given families."""
+        return cls(
+            boundary=any(f.name == "boundary" for f in families),
+            counterfactual=tuple(dict.fromkeys(
+                str(f.method) for f in families if f.name == "counterfactual")),
+            epsilons=tuple(dict.fromkeys(
+                float(f.epsilon or 0) for f in families if f.name == "perturbation")),
+            views=tuple(dict.fromkeys(v for f in families if f.name == "views"
+                                      for v in f.views)),
+            co_pairs=tuple(dict.fromkeys((p.method, p.ax_process) for f in families
+                                         if f.name == "co" for p in f.pairs)),
+        )
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """Every attribution method the plan needs."""
+        return tuple(dict.fromkeys((*self.counterfactual, *(m for m, _ in self.co_pairs))))

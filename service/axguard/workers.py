@@ -103,6 +103,16 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
+def launch(settings: Settings) -> int:
+    """Serve until SIGTERM: one process (server.serve), or `server.processes` workers on
+    one port. The one place that chooses, so `server` never imports this module."""
+    if settings.server.processes > 1:
+        return serve_processes(settings)
+    from .server import serve
+
+    return serve(settings)
+
+
 def serve_processes(settings: Settings) -> int:
     """Run `server.processes` workers on one port until SIGTERM; return the exit code."""
     count = settings.server.processes

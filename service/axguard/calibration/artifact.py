@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import ConfigError
-from ..verdict import Family, FlagModel, MethodPair
+from ..verdict import EvidencePlan, Family, FlagModel, MethodPair
 
 SCHEMA_VERSION = 2
 """Version 2 (axguard 0.2): evidence families, cross-fitted selection, FlagModel."""
@@ -302,8 +302,6 @@ def check_matches(artifact: CalibrationArtifact, fingerprint: str,
             f"the served model's fingerprint is {fingerprint[:16]}…; recalibrate",
             field="calibration",
         )
-    from ..engine import EvidencePlan  # the engine imports this module
-
     needed = EvidencePlan.of(artifact.flag.families).methods
     missing = sorted(set(needed) - set(available_methods))
     if missing:
