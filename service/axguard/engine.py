@@ -391,9 +391,7 @@ class Engine:
         fwd = self._forward(x, batch)
         failures.mark(range(len(requested)), finite_rows(fwd.logits), "logits")
         after_forward = time.perf_counter()
-        own, second, plain = self._backward(x, fwd.leaf, fwd.graph_logits, fwd.logits,
-                                            fwd.predicted, fwd.runner_up, batch.own_rows,
-                                            batch.plan, batch.judged)
+        own, second, plain = self._backward(x, batch, fwd)
         for heatmaps in own.values():
             failures.mark(heatmaps.rows, finite_rows(heatmaps.normalised), "heatmap")
         fwd.leaf = fwd.graph_logits = None  # free the graph before the extra forwards
@@ -561,39 +559,45 @@ class Engine:
             ))
         return results
 
-    def _backward(self, x: torch.Tensor, leaf: torch.Tensor | None,
-                  graph_logits: torch.Tensor | None, logits: torch.Tensor,
-                  predicted: torch.Tensor, runner_up: torch.Tensor,
-                  own_rows: dict[str, list[int]], plan: EvidencePlan, judged: list[int]
+    def _gradient_requests(self, batch: _BatchPlan, fwd: _Forward
+                           ) -> tuple[list[tuple[str, torch.Tensor]], list[tuple[str, str]], bool]:
+        """The shared pass's (rule, coefficients) requests of a batch, their keys ("own" or
+        "second" + method, "plain" + "margin"/"nll"), and whether the margin gradient comes
+        free from the two saliency gradients."""
+        num_classes = fwd.logits.shape[1]
+        requests: list[tuple[str, torch.Tensor]] = []
+        keys: list[tuple[str, str]] = []
+        for method in batch.own_rows:
+            if self._use_shared(method):
+                requests.append((rule_of(method), evidence.one_hot(fwd.predicted, num_classes)))
+                keys.append(("own", method))
+        for method in batch.plan.counterfactual:
+            if self._use_shared(method):
+                requests.append((rule_of(method), evidence.one_hot(fwd.runner_up, num_classes)))
+                keys.append(("second", method))
+        # ∇(z_ŷ − z₂) = saliency(ŷ) − saliency(z₂) when both are computed anyway.
+        margin_free = {("own", "saliency"), ("second", "saliency")} <= set(keys)
+        if batch.plan.boundary and not margin_free:
+            requests.append(("plain", evidence.margin_coefficients(
+                fwd.predicted, fwd.runner_up, num_classes)))
+            keys.append(("plain", "margin"))
+        if batch.plan.epsilons:
+            requests.append(("plain", evidence.nll_coefficients(fwd.logits, fwd.predicted)))
+            keys.append(("plain", "nll"))
+        return requests, keys, margin_free
+
+    def _backward(self, x: torch.Tensor, batch: _BatchPlan, fwd: _Forward
                   ) -> tuple[dict[str, _Heatmaps], dict[str, torch.Tensor],
                              dict[str, torch.Tensor]]:
         """Return (ŷ's heatmaps per method, normalised runner-up heatmaps h₂ of the judged
         rows per counterfactual method, plain input gradients: "margin" ∇ₓ(z_ŷ − z₂) and
         "nll" ∇ₓ(−log p_ŷ) over the whole batch, as the plan needs them)."""
-        num_classes = logits.shape[1]
-        requests: list[tuple[str, torch.Tensor]] = []
-        keys: list[tuple[str, str]] = []
-        for method in own_rows:
-            if self._use_shared(method):
-                requests.append((rule_of(method), evidence.one_hot(predicted, num_classes)))
-                keys.append(("own", method))
-        for method in plan.counterfactual:
-            if self._use_shared(method):
-                requests.append((rule_of(method), evidence.one_hot(runner_up, num_classes)))
-                keys.append(("second", method))
-        # ∇(z_ŷ − z₂) = saliency(ŷ) − saliency(z₂) when both are computed anyway.
-        margin_free = {("own", "saliency"), ("second", "saliency")} <= set(keys)
-        if plan.boundary and not margin_free:
-            requests.append(("plain", evidence.margin_coefficients(predicted, runner_up,
-                                                                   num_classes)))
-            keys.append(("plain", "margin"))
-        if plan.epsilons:
-            requests.append(("plain", evidence.nll_coefficients(logits, predicted)))
-            keys.append(("plain", "nll"))
+        requests, keys, margin_free = self._gradient_requests(batch, fwd)
+        leaf = fwd.leaf
         grads: dict[tuple[str, str], torch.Tensor] = {}
         if requests:
-            assert leaf is not None and graph_logits is not None
-            grads = dict(zip(keys, self._pass.gradients(leaf, graph_logits, requests),
+            assert leaf is not None and fwd.graph_logits is not None
+            grads = dict(zip(keys, self._pass.gradients(leaf, fwd.graph_logits, requests),
                              strict=True))
             self.backward_passes += len(requests)
 
@@ -609,19 +613,19 @@ class Engine:
             return raw
 
         own: dict[str, _Heatmaps] = {}
-        for method, rows in own_rows.items():
-            raw = heatmaps(method, rows, predicted, "own")
+        for method, rows in batch.own_rows.items():
+            raw = heatmaps(method, rows, fwd.predicted, "own")
             normalised, zero = scoring.normalise_heatmaps(raw.float())
             own[method] = _Heatmaps(rows, normalised, zero)
             self._count_zero(method, zero)
         second = {method: scoring.normalise_heatmaps(
-            heatmaps(method, judged, runner_up, "second").float())[0]
-            for method in plan.counterfactual}
+            heatmaps(method, batch.judged, fwd.runner_up, "second").float())[0]
+            for method in batch.plan.counterfactual}
         plain: dict[str, torch.Tensor] = {}
-        if plan.boundary:
+        if batch.plan.boundary:
             plain["margin"] = (grads[("own", "saliency")] - grads[("second", "saliency")]
                                if margin_free else grads[("plain", "margin")])
-        if plan.epsilons:
+        if batch.plan.epsilons:
             plain["nll"] = grads[("plain", "nll")]
         return own, second, plain
 
