@@ -179,6 +179,7 @@ def chromium() -> str:
     return path
 
 
+@pytest.mark.system
 def test_report_page_shows_its_figures_in_headless_chromium(artifact_path, tmp_path, capsys):
     out = tmp_path / "report"
     assert main(["report", str(artifact_path), "--out", str(out)]) == 0

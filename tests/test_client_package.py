@@ -12,6 +12,9 @@ import pytest
 
 from conftest import EXAMPLES, ROOT, RunningServer
 
+# A fresh virtual environment, pip-installed.
+pytestmark = pytest.mark.system
+
 SIZE_LIMIT_MB = 150
 
 

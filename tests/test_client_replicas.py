@@ -26,6 +26,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from axguard_client import AsyncAxguardClient, AxguardClient
 from conftest import EXAMPLES, ROOT
 
+# Three `axguard serve` processes.
+pytestmark = pytest.mark.system
+
 DIGIT = (EXAMPLES / "digit_3.png").read_bytes()
 # Short connection ages, so the rebalancing test sees a reconnect within seconds and every
 # other test here runs through many GOAWAYs.

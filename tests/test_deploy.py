@@ -30,6 +30,7 @@ def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.system
 def test_dockerfile_passes_hadolint():
     result = run(tool("hadolint"), "Dockerfile")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -48,6 +49,7 @@ def test_dockerfile_essentials():
 
 
 @pytest.mark.parametrize("target", ["base", "overlays/custom-model"])
+@pytest.mark.system
 def test_kustomize_output_validates_against_kubernetes_schemas(target, tmp_path):
     built = run(tool("kubectl"), "kustomize", str(K8S / target))
     assert built.returncode == 0, built.stderr
@@ -60,6 +62,7 @@ def test_kustomize_output_validates_against_kubernetes_schemas(target, tmp_path)
             "ServiceMonitor", "PrometheusRule"} <= kinds
 
 
+@pytest.mark.system
 def test_base_has_a_headless_service_for_client_side_balancing():
     built = run(tool("kubectl"), "kustomize", str(K8S / "base"))
     assert built.returncode == 0, built.stderr
@@ -77,6 +80,7 @@ def test_base_has_a_headless_service_for_client_side_balancing():
     assert headless["spec"]["selector"].items() <= labels.items()
 
 
+@pytest.mark.system
 def test_every_manifest_file_validates():
     files = [p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml"
              and "patch" not in p.name and p.name != "axguard.yaml"]
@@ -91,6 +95,7 @@ KSERVE_COMPONENT_FIELDS = {"minReplicas", "maxReplicas", "scaleTarget", "scaleMe
                            "deploymentStrategy", "autoScaling"}
 
 
+@pytest.mark.system
 def test_kserve_inferenceservice_is_a_custom_grpc_predictor_with_a_valid_pod(tmp_path):
     # No KServe schema ships offline: the predictor minus KServe's own fields is a PodSpec,
     # validated strictly against Kubernetes' schema (unknown fields fail).
@@ -145,6 +150,7 @@ def test_probes_security_and_drain_fit_together():
     assert limit_mib >= budget_mib + 768
 
 
+@pytest.mark.system
 def test_network_policy_allows_grpc_and_metrics_only_and_no_egress():
     out = run(tool("kubectl"), "kustomize", str(K8S / "base"))
     docs = [d for d in yaml.safe_load_all(out.stdout) if d]
@@ -193,6 +199,7 @@ def test_overlay_mounts_model_config_and_calibration():
     Settings.model_validate(yaml.safe_load(config))  # the example config is valid
 
 
+@pytest.mark.system
 def test_prometheus_rules_pass_promtool_and_their_unit_tests():
     promtool = tool("promtool")
     checked = run(promtool, "check", "rules", "axguard-rules.yaml", cwd=PROM)

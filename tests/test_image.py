@@ -23,6 +23,9 @@ from prometheus_run import free_port
 from axguard_client import AxguardClient
 from conftest import EXAMPLES, ROOT
 
+# The image built and run by podman (or docker).
+pytestmark = pytest.mark.system
+
 IMAGE = "localhost/axguard:test"
 
 

@@ -170,6 +170,7 @@ def test_the_feedback_command_reads_a_csv_and_names_refused_lines(replicas, tmp_
     assert main(["feedback", str(csv_file), "--target", a.target]) == 2
 
 
+@pytest.mark.system
 def test_prometheus_sums_feedback_of_two_replicas_into_the_live_flag_quality(
         demo_engine, key_file, demo_calibration, tmp_path):
     """Checks answered by one replica, labels sent to the other, both scraped by a real

@@ -163,6 +163,7 @@ def test_metrics_endpoint_and_graceful_shutdown():
         proc.stderr.close()
 
 
+@pytest.mark.system
 def test_real_prometheus_scrapes_the_flag_and_the_alert_expression_sees_it(
         server, hardest_wrong_digit, tmp_path):
     """Service + a real Prometheus on loopback: flagged checks reach Prometheus's API."""

@@ -98,6 +98,7 @@ def test_finetune_cli_refuses_a_bad_target(folders, tmp_path, capsys):
     assert code == 2 and "target_accuracy: must be in (0, 1]" in capsys.readouterr().err
 
 
+@pytest.mark.system
 def test_paper_figures_page_in_headless_chromium(tmp_path, demo_engine, capsys):
     out = tmp_path / "figures"
     assert main(["paper-figures", "--data", "builtin:digits-test", "--out", str(out),

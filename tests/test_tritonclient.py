@@ -15,6 +15,9 @@ from axguard.demo.data import load_split
 from axguard.v1 import confidence_pb2 as pb
 from conftest import ROOT, png_bytes
 
+# Triton's client in its own virtual environment.
+pytestmark = pytest.mark.system
+
 TRITON_PYTHON = ROOT / ".venv-triton" / "bin" / "python"
 
 

@@ -26,6 +26,7 @@ def test_png_figure_is_written(viewer_files):
         assert image.width > 1000 and image.height > 200
 
 
+@pytest.mark.system
 def test_slider_changes_the_displayed_step_and_co(viewer_files):
     from playwright.sync_api import sync_playwright
 

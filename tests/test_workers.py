@@ -9,11 +9,15 @@ import sys
 import time
 import urllib.request
 
+import pytest
 from prometheus_run import free_port
 
 from axguard.workers import core_shares
 from axguard_client import AxguardClient
 from conftest import EXAMPLES, ROOT
+
+# Several server processes on one port.
+pytestmark = pytest.mark.system
 
 
 def test_cores_are_split_into_disjoint_shares():
