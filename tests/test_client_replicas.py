@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_run import free_port
 
 from axguard_client import AsyncAxguardClient, AxguardClient
 from conftest import EXAMPLES, ROOT
@@ -33,12 +34,6 @@ DIGIT = (EXAMPLES / "digit_3.png").read_bytes()
 # Short connection ages, so the rebalancing test sees a reconnect within seconds and every
 # other test here runs through many GOAWAYs.
 CONNECTION_AGE = "1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -252,7 +252,8 @@ def test_the_report_names_what_each_method_is_on_modern_networks(tmp_path):
 
 def test_model_info_carries_the_report(tmp_path):
     bundle = bundle_of("modern_models:convnext_mini", tmp_path)
-    info = model_info(bundle, ("saliency", "deconvolution"))
+    info = model_info(bundle, ("saliency", "deconvolution"), None,
+                      Engine(bundle).method_report)
     by_method = {s.method: s for s in info.method_statuses}
     deep_lift = by_method[pb.ATTRIBUTION_METHOD_DEEP_LIFT]
     assert deep_lift.state == pb.METHOD_STATE_REDUCED

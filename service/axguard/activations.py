@@ -21,6 +21,7 @@ method report (attribution.method_report) states.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 from collections import Counter
@@ -101,7 +102,6 @@ def make_activations_unique(network: nn.Module) -> tuple[nn.Module, TraceReport]
         return network, report
     seen: set[str] = set()
     for node in list(traced.graph.nodes):
-        kind: type[nn.Module] | None = None
         if node.op == "call_module":
             module = traced.get_submodule(node.target)
             if not is_rectifier(module):
@@ -111,8 +111,7 @@ def make_activations_unique(network: nn.Module) -> tuple[nn.Module, TraceReport]
                 continue
             replacement: nn.Module = _clone(module)
         elif node.op in ("call_function", "call_method") and node.target in FUNCTIONAL:
-            kind = FUNCTIONAL[node.target]
-            replacement = _module_for(node, kind)
+            replacement = _module_for(node, FUNCTIONAL[node.target])
         else:
             continue
         report.added += 1
@@ -132,8 +131,6 @@ def make_activations_unique(network: nn.Module) -> tuple[nn.Module, TraceReport]
 def _clone(module: nn.Module) -> nn.Module:
     """A second call site of a reused activation: parameter-free ones are copied, a PReLU
     shares its weight (one learned slope, two sites)."""
-    import copy
-
     if any(True for _ in module.parameters(recurse=False)):
         clone = copy.copy(module)
         clone._forward_hooks = type(module._forward_hooks)()
@@ -141,11 +138,8 @@ def _clone(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module)
 
 
-def reused_activations(network: nn.Module, example: torch.Tensor | None = None) -> list[str]:
-    """Names of rectifying modules called more than once in one forward of `example`
-    (empty when no example is given: nothing could be run)."""
-    if example is None:
-        return []
+def reused_activations(network: nn.Module, example: torch.Tensor) -> list[str]:
+    """Names of rectifying modules called more than once in one forward of `example`."""
     calls: Counter[str] = Counter()
     handles = [m.register_forward_hook(lambda *_, n=name: calls.update([n]))
                for name, m in network.named_modules() if is_rectifier(m)]

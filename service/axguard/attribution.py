@@ -254,12 +254,12 @@ def _deep_lift_status(bundle: ModelBundle, census: dict[str, int], untraced: str
                         f"{untraced}")
 
 
-def duplicate_methods(bundle: ModelBundle, methods: tuple[str, ...] | list[str]
+def duplicate_methods(report: list[MethodStatus], methods: tuple[str, ...] | list[str]
                       ) -> list[tuple[str, str, str]]:
     """(method, the method it equals here, why) for each of `methods` that is another of
-    them in effect on this model."""
+    them in effect, by a model's method report."""
     offered = set(methods)
-    return [(s.method, s.reduced_to, s.reason) for s in method_report(bundle)
+    return [(s.method, s.reduced_to, s.reason) for s in report
             if s.method in offered and s.reduced_to in offered]
 
 

@@ -232,11 +232,10 @@ def method_status_message(status: attribution.MethodStatus) -> pb.MethodStatus:
 
 
 def model_info(bundle: ModelBundle, default_methods: tuple[str, ...],
-               calibration: CalibrationArtifact | None = None,
-               report: list[attribution.MethodStatus] | None = None) -> pb.ModelInfo:
+               calibration: CalibrationArtifact | None,
+               report: list[attribution.MethodStatus]) -> pb.ModelInfo:
     """Return the ModelInfo message of a bundle, its calibration and its method report
-    (attribution.method_report, computed when not given)."""
-    report = attribution.method_report(bundle) if report is None else report
+    (Engine.method_report: the probed one)."""
     return pb.ModelInfo(
         method_statuses=[method_status_message(s) for s in report],
         model_format=bundle.model_format,

@@ -105,7 +105,7 @@ def check_distinct_methods(engine: Engine, pairs: Sequence[tuple[str, str]],
     model (e.g. Deconvolution on a network without rectifiers is Saliency): the risk model
     would get one feature twice."""
     offered = [m for m, _ in pairs] + (["saliency"] if "counterfactual" in families else [])
-    duplicates = duplicate_methods(engine.bundle, offered)
+    duplicates = duplicate_methods(engine.method_report, offered)
     if duplicates:
         named = "; ".join(f"{method} is {same} on this model ({why})"
                           for method, same, why in duplicates)
