@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 
-.PHONY: serve test test-registry lint proto train-demo venv tools system-deps calibrate-demo bench bench-flag bench-gax bench-memory bench-feedback bench-drift bench-transport bench-client bench-modern paper-demo fuzz soak image clean
+.PHONY: serve test test-registry lint proto docs train-demo venv tools system-deps calibrate-demo bench bench-flag bench-gax bench-memory bench-feedback bench-drift bench-transport bench-client bench-modern paper-demo fuzz soak image clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 venv: $(STAMP)
 
 # Triton's client for the Open Inference Protocol tests: its own environment, because
-# tritonclient needs protobuf < 7 and the project pins 7 (tests/test_tritonclient.py).
+# tritonclient needs protobuf < 7 and the project pins 7 (tests/transport/test_tritonclient.py).
 TRITON_VENV := .venv-triton
 TRITON_STAMP := $(TRITON_VENV)/.installed
 TRITONCLIENT_VERSION := 2.73.0
@@ -58,9 +58,9 @@ test: $(STAMP) $(BUF) $(TRITON_STAMP) system-deps
 	PATH="$(CURDIR)/.tools/node_modules/.bin:$$PATH" $(BIN)/pytest $(PYTEST_ARGS)
 
 # Every torchvision classification architecture, the heavy ones (over 30 M parameters)
-# included: each serves a Check with every method it has (tests/test_registry.py).
+# included: each serves a Check with every method it has (tests/engine/test_registry.py).
 test-registry: $(STAMP)
-	$(BIN)/pytest tests/test_registry.py -m '' $(PYTEST_ARGS)
+	$(BIN)/pytest tests/engine/test_registry.py -m '' $(PYTEST_ARGS)
 
 lint: $(STAMP) $(BUF)
 	$(BIN)/ruff check service clients tests scripts
@@ -68,6 +68,12 @@ lint: $(STAMP) $(BUF)
 
 proto: $(STAMP)
 	$(BIN)/python scripts/gen_proto.py
+
+# The reference documentation (docs/, mkdocs-material) into site/; docs/settings.md is
+# generated from the settings model first. make test builds it too (tests/test_docs.py).
+docs: $(STAMP)
+	$(BIN)/python scripts/settings_doc.py
+	$(BIN)/mkdocs build --strict
 
 train-demo: $(STAMP)
 	$(BIN)/python -m axguard.demo.train
@@ -122,7 +128,7 @@ bench-drift: $(STAMP) system-deps
 FUZZ_REQUESTS ?= 20000
 fuzz: $(STAMP)
 	AXGUARD_FUZZ_REQUESTS=$(FUZZ_REQUESTS) AXGUARD_FUZZ_REPORT=bench/results/fuzz.json \
-	  $(BIN)/pytest -q tests/test_fuzz.py tests/test_properties.py --hypothesis-seed=0
+	  $(BIN)/pytest -q tests/transport/test_fuzz.py tests/engine/test_properties.py --hypothesis-seed=0
 
 # The container image (docker, or podman with overlay storage): IMAGE, TORCH_INDEX_URL
 # (default the CPU wheels; a CUDA index for the GPU variant), LOCAL_WHEELS=1 on machines

@@ -15,16 +15,16 @@ import grpc
 import torch
 from prometheus_client import CollectorRegistry
 
-from axguard.batching import DynamicBatcher
-from axguard.calibration.artifact import load_artifact
 from axguard.config import Settings
-from axguard.converters import request_to_item, result_to_response
-from axguard.dataplane import input_limits
 from axguard.demo.bundle import ASSETS, load_demo_bundle
-from axguard.engine import Engine
-from axguard.live import LiveQuality
-from axguard.metrics import Metrics
-from axguard.v1 import confidence_pb2_grpc as pb_grpc
+from axguard.engine.core import Engine
+from axguard.flag.artifact import load_artifact
+from axguard.serving.batching import DynamicBatcher
+from axguard.serving.dataplane import input_limits
+from axguard.serving.metrics import Metrics
+from axguard.serving.quality import LiveQuality
+from axguard.transport.v1.converters import request_to_item, result_to_response
+from axguard_client.v1 import confidence_pb2_grpc as pb_grpc
 
 torch.set_num_threads(1)  # what the server's measurement picks for the demo here
 BUNDLE = load_demo_bundle()

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 from captum.attr import Deconvolution, Saliency
 
-from axguard import scoring
+from axguard.engine import scoring
 
 
 def timed(fn: Callable[[], object], repeats: int, *,

@@ -63,11 +63,11 @@ CONDITIONS = {
 def main() -> int:
     from prometheus_client import start_http_server
 
-    from axguard.app import build_engine
+    from axguard.builder import build_engine
     from axguard.config import load_settings
     from axguard.demo.data import load_split
-    from axguard.server import build_server, start_serving
-    from axguard.startup import configure_torch
+    from axguard.transport.server import build_server, start_serving
+    from axguard.transport.torch_threads import configure_torch
     from axguard_client import AxguardClient
 
     prometheus = shutil.which("prometheus")

@@ -31,7 +31,7 @@ TARGET_PER_SECOND = 5000
 
 
 def _book(keys_path: Path, capacity: int):  # noqa: ANN202
-    from axguard.feedback import FeedbackBook, ReceiptKeys
+    from axguard.serving.feedback import FeedbackBook, ReceiptKeys
 
     return FeedbackBook(ReceiptKeys(keys_path), fingerprint="ab" * 32, num_classes=10,
                         max_age_seconds=7 * 86400, max_clock_skew_seconds=300,
@@ -60,7 +60,7 @@ def verification(keys_path: Path, n: int) -> dict:
 
 
 def filter_memory(capacity: int) -> dict:
-    from axguard.feedback import DuplicateFilter
+    from axguard.serving.feedback import DuplicateFilter
 
     tracemalloc.start()
     dup = DuplicateFilter(capacity)

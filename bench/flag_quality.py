@@ -52,10 +52,10 @@ from axguard.calibration.datasets import LabelledImages
 from axguard.calibration.risk import fit_risk_model
 from axguard.demo.data import digit_image
 from axguard.demo.network import build_demo_net
-from axguard.engine import CheckItem, Engine, EvidencePlan
-from axguard.model import InputSpec, ModelBundle, sha256_file, wrap_network
-from axguard.preprocess import image_to_tensor
-from axguard.verdict import Family, FlagModel, features_of, predict_risk
+from axguard.engine.core import CheckItem, Engine, EvidencePlan
+from axguard.engine.model import InputSpec, ModelBundle, sha256_file, wrap_network
+from axguard.engine.preprocess import image_to_tensor
+from axguard.flag.verdict import Family, FlagModel, features_of, predict_risk
 
 RESULTS = Path(__file__).parent / "results"
 FOLDS = 5

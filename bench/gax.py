@@ -25,9 +25,9 @@ from axguard.calibration.calibrate import calibrate
 from axguard.calibration.datasets import load_labelled_images
 from axguard.demo.bundle import load_demo_bundle
 from axguard.demo.data import load_split
-from axguard.engine import Engine
-from axguard.gax import GaxOptions
-from axguard.model import InputSpec, load_bundle
+from axguard.engine.core import Engine
+from axguard.engine.gax import GaxOptions
+from axguard.engine.model import InputSpec, load_bundle
 
 RESULTS = Path(__file__).parent / "results"
 CAP = 500

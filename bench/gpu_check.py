@@ -23,10 +23,10 @@ from captum.attr import Deconvolution, GuidedBackprop, InputXGradient, Saliency
 from common import naive_check, timed
 
 from axguard.demo.bundle import load_demo_bundle
-from axguard.engine import CheckItem, Engine, EvidencePlan
-from axguard.model import InputSpec, load_bundle
-from axguard.sharedpass import SharedPass
-from axguard.verdict import Family, MethodPair
+from axguard.engine.core import CheckItem, Engine, EvidencePlan
+from axguard.engine.model import InputSpec, load_bundle
+from axguard.engine.sharedpass import SharedPass
+from axguard.flag.verdict import Family, MethodPair
 
 IMAGENET = InputSpec(3, 224, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
@@ -68,7 +68,7 @@ def all_families_flag(calibration):
                 Family(name="views", views=("shift:1:0", "rotate:5")),
                 Family(name="co", pairs=(MethodPair(method="saliency", ax_process="sum"),))]
     names = [f for fam in families for f in fam.features()]
-    from axguard.verdict import FlagModel, RiskModel
+    from axguard.flag.verdict import FlagModel, RiskModel
 
     flag = FlagModel(families=families, mode="false_alarm", threshold=0.5,
                      risk_model=RiskModel(features=names, mean=[0.0] * len(names),
@@ -79,8 +79,8 @@ def all_families_flag(calibration):
 
 
 def engine_cuda_vs_cpu() -> dict:
-    from axguard.calibration.artifact import load_artifact
     from axguard.demo.bundle import ASSETS
+    from axguard.flag.artifact import load_artifact
 
     artifact = all_families_flag(load_artifact(ASSETS / "calibration.json"))
     x = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(2))

@@ -21,7 +21,7 @@ from common import timed
 from gpu_check import resnet34
 
 from axguard.demo.bundle import load_demo_bundle
-from axguard.engine import CheckItem, Engine
+from axguard.engine.core import CheckItem, Engine
 
 
 class Bf16AxEngine(Engine):

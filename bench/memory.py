@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from axguard.preprocess import decode_plan
+from axguard.engine.preprocess import decode_plan
 from axguard_client import AxguardClient
 
 RESULTS = Path(__file__).parent / "results"

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from throughput import RESULTS, engine_level  # noqa: E402
 
-from axguard.model import InputSpec, load_bundle  # noqa: E402
+from axguard.engine.model import InputSpec, load_bundle  # noqa: E402
 
 ARCHITECTURES = ("resnet18", "convnext_tiny", "swin_t", "efficientnet_b0", "mobilenet_v3_small")
 SPEC = InputSpec(3, 64, 64, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

@@ -13,8 +13,8 @@ import torch
 import torchvision
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from axguard.engine import CheckItem, Engine
-from axguard.model import InputSpec, load_bundle
+from axguard.engine.core import CheckItem, Engine
+from axguard.engine.model import InputSpec, load_bundle
 
 RESULTS = Path(__file__).parent / "results"
 

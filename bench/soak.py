@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 from fuzzing import FORBIDDEN, FUZZ_KEY_ID, FUZZ_SECRET, hostile_cases, run_cases  # noqa: E402
 from prometheus_run import free_port  # noqa: E402
 
-from axguard.v1 import confidence_pb2 as pb  # noqa: E402
 from axguard_client import AxguardClient, ClientError  # noqa: E402
+from axguard_client.v1 import confidence_pb2 as pb  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 EXAMPLES = ROOT / "examples" / "digits"

@@ -41,10 +41,10 @@ import torchvision
 from common import naive_check, timed
 
 from axguard.demo.bundle import load_demo_bundle
-from axguard.engine import CheckItem, Engine
-from axguard.model import InputSpec, load_bundle
-from axguard.v1 import confidence_pb2 as pb
+from axguard.engine.core import CheckItem, Engine
+from axguard.engine.model import InputSpec, load_bundle
 from axguard_client import AxguardClient
+from axguard_client.v1 import confidence_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -254,8 +254,8 @@ def transport_security(folder: Path, total: int = 3000) -> list[dict]:
 
 def verdict_cost(repeats: int) -> list[dict]:
     """Engine cost of the verdict on the demo model with its bundled calibration."""
-    from axguard.calibration.artifact import load_artifact
     from axguard.demo.bundle import ASSETS
+    from axguard.flag.artifact import load_artifact
 
     bundle = load_demo_bundle()
     engine = Engine(bundle, calibration=load_artifact(ASSETS / "calibration.json"))
@@ -321,8 +321,8 @@ def targets(folder: Path, quick: bool, device: str = "cpu") -> dict:
                        "cost_vs_plain": plain_ips / row["throughput"]}
     print(out["resnet34"], flush=True)
     # The demo model: engine batched check vs service, default settings.
-    from axguard.calibration.artifact import load_artifact
     from axguard.demo.bundle import ASSETS
+    from axguard.flag.artifact import load_artifact
 
     demo = load_demo_bundle(device=device)
     engine = Engine(demo, calibration=load_artifact(ASSETS / "calibration.json"))

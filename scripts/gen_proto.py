@@ -4,7 +4,7 @@ axguard's own stubs live in the client distribution (clients/python/axguard_clie
 a pipeline installs them without the server; the server imports them from there
 (`axguard.v1` re-exports them). The vendored Open Inference Protocol (proto/inference) is
 served, never called, by axguard: its stubs go to the server package
-(service/axguard/oip/). protoc writes `axguard/v1/…` and `inference/…` with absolute
+(service/axguard/transport/oip/). protoc writes `axguard/v1/…` and `inference/…` with absolute
 imports; they are moved and the cross-module imports made relative. Tests regenerate them
 into a temporary folder and fail on any difference.
 """
@@ -24,7 +24,7 @@ PROTO_ROOT = ROOT / "proto"
 
 # protoc's package folder → where its stubs live, relative to the repository root.
 DESTINATIONS = {"axguard": Path("clients/python/axguard_client"),
-                "inference": Path("service/axguard/oip")}
+                "inference": Path("service/axguard/transport/oip")}
 
 
 def generate(out_dir: Path) -> list[Path]:
@@ -49,7 +49,7 @@ def generate(out_dir: Path) -> list[Path]:
         written = []
         for path in sorted(Path(tmp).rglob("*_pb2*.py*")):
             # axguard/v1/x_pb2.py → clients/python/axguard_client/v1/x_pb2.py,
-            # inference/x_pb2.py → service/axguard/oip/x_pb2.py
+            # inference/x_pb2.py → service/axguard/transport/oip/x_pb2.py
             relative = path.relative_to(tmp)
             target = out_dir / DESTINATIONS[relative.parts[0]] / Path(*relative.parts[1:])
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -64,4 +64,5 @@ if __name__ == "__main__":
     target = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT
     for path in generate(target):
         print(path)
-    shutil.rmtree(ROOT / "service" / "axguard" / "v1" / "__pycache__", ignore_errors=True)
+    shutil.rmtree(ROOT / "clients" / "python" / "axguard_client" / "v1" / "__pycache__",
+                  ignore_errors=True)

@@ -19,7 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
-from axguard.app import build_bundle
+from axguard.builder import build_bundle
 from axguard.calibration.datasets import load_labelled_images
 from axguard.config import load_settings
 from axguard.demo.data import load_split

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,13 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
-from axguard.calibration.artifact import CalibrationArtifact, load_artifact
 from axguard.config import load_settings
 from axguard.demo.bundle import ASSETS, load_demo_bundle
-from axguard.engine import Engine
-from axguard.model import ModelBundle
-from axguard.server import build_server, start_serving
+from axguard.engine.core import Engine
+from axguard.engine.model import ModelBundle
+from axguard.flag.artifact import CalibrationArtifact, load_artifact
+from axguard.transport.server import build_server, start_serving
 from axguard_client import AxguardClient
+
+# Fixtures shared across test folders (the TLS certificates: tests/certificates.py).
+pytest_plugins = ["certificates"]
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "digits"
@@ -98,3 +102,10 @@ def client(demo_server: RunningServer) -> Iterator[AxguardClient]:
 def _torch_threads() -> None:
     # Two cores here: keep torch from oversubscribing when gRPC threads run in parallel.
     torch.set_num_threads(2)
+
+
+def chromium() -> str:
+    """The path of Debian's chromium (`make test` installs it), for the page tests."""
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert path, "chromium is not installed: `make test` installs it (Debian package chromium)"
+    return path

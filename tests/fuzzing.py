@@ -2,7 +2,7 @@
 
 Every case is sent as raw bytes through a generic channel (so unparsable protobuf is
 possible) and names the status codes the README documents for it. The service must never
-answer INTERNAL or UNKNOWN, and must keep serving. Used by tests/test_fuzz.py (a fast
+answer INTERNAL or UNKNOWN, and must keep serving. Used by tests/transport/test_fuzz.py (a fast
 subset in `make test`) and `make fuzz` (the whole run, written to bench/results/fuzz.json).
 """
 
@@ -22,8 +22,8 @@ import grpc
 import numpy as np
 from PIL import Image
 
-from axguard.oip import open_inference_grpc_pb2 as oip
-from axguard.v1 import confidence_pb2 as pb
+from axguard.transport.oip import open_inference_grpc_pb2 as oip
+from axguard_client.v1 import confidence_pb2 as pb
 
 SERVICE = "/axguard.v1.ConfidenceService/"
 INFER = "/inference.GRPCInferenceService/ModelInfer"

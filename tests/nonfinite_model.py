@@ -72,7 +72,7 @@ def build(num_classes: int = 10) -> nn.Module:
 def demo_weights() -> dict[str, torch.Tensor]:
     """Return the demo model's weights as a state dict of these networks."""
     from axguard.demo.bundle import ASSETS
-    from axguard.model import load_state_dict
+    from axguard.engine.model import load_state_dict
 
     return {f"body.{k}": v for k, v in load_state_dict(ASSETS / "weights.pt").items()}
 

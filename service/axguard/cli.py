@@ -15,7 +15,7 @@ from typing import Any
 
 from axguard_client.cli import add_client_commands
 
-from .verdict import DEFAULT_FAMILIES, EPSILON_GRID
+from .flag.verdict import DEFAULT_FAMILIES, EPSILON_GRID
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
@@ -237,16 +237,16 @@ def _run(args: argparse.Namespace, body: Callable[[Any], int]) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from .workers import launch
+    from .transport.launch import launch
 
     return _run(args, launch)
 
 
 def parse_pairs(value: str) -> list[tuple[str, str]]:
     """Return (method, process) pairs for calibrate's --pairs: default, all, or m:p,m:p."""
-    from .attribution import require
     from .calibration.calibrate import DEFAULT_PAIRS, all_pairs
-    from .scoring import require_process
+    from .engine.attribution import require
+    from .engine.scoring import require_process
 
     if value == "default":
         return list(DEFAULT_PAIRS)
@@ -261,27 +261,27 @@ def parse_pairs(value: str) -> list[tuple[str, str]]:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    from .app import build_bundle
-    from .calibration.artifact import save_artifact
-    from .calibration.calibrate import calibrate
+    from .builder import build_bundle
+    from .calibration.calibrate import CalibrateOptions, calibrate
     from .calibration.datasets import load_labelled_images
-    from .engine import Engine
+    from .engine.core import Engine
+    from .flag.artifact import save_artifact
 
     def body(settings: Any) -> int:
         pairs = parse_pairs(args.pairs)
         bundle = build_bundle(settings.model, settings.attribution)
         engine = Engine(bundle, sorted({p[0] for p in pairs}, key=[q[0] for q in pairs].index))
         images = load_labelled_images(args.data, bundle.class_names)
-        artifact = calibrate(
-            engine, images, pairs=pairs,
-            families=args.families, epsilons=args.epsilons, views=settings.model.views,
-            folds=args.folds, repeats=args.repeats,
+        options = CalibrateOptions(
+            pairs=pairs, families=args.families, epsilons=args.epsilons,
+            views=settings.model.views, folds=args.folds, repeats=args.repeats,
             mode="error_recall" if args.recall is not None else "false_alarm",
             beta=args.beta, recall=args.recall or 0.9, delta=args.delta,
             max_cost=args.max_cost, seed=args.seed,
             gax_percentile=args.gax_percentile, n_bootstrap=args.bootstrap,
             batch_size=args.batch_size, progress=sys.stderr.isatty(),
         )
+        artifact = calibrate(engine, images, options)
         artifact = save_artifact(artifact, args.out)
         t = artifact.threshold
         print(f"wrote {args.out} ({artifact.calibration_id}): {artifact.data.n_images} images, "
@@ -300,7 +300,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from .app import build_engine
+    from .builder import build_engine
     from .calibration.datasets import load_labelled_images
     from .calibration.evaluate import evaluate, format_evaluation
 
@@ -388,7 +388,7 @@ def _paper_figures_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_paper_figures(args: argparse.Namespace) -> int:
-    from .app import build_bundle
+    from .builder import build_bundle
     from .calibration.datasets import load_labelled_images
     from .paper.figures import write_paper_figures
 
@@ -409,9 +409,9 @@ def run_paper_figures(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from .calibration.artifact import load_artifact
     from .calibration.report import write_report
     from .errors import AxguardError
+    from .flag.artifact import load_artifact
 
     try:
         page = write_report(load_artifact(args.calibration), args.out)

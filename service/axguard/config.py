@@ -18,7 +18,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from .attribution import DEFAULT_METHODS, require
+from .engine.attribution import DEFAULT_METHODS, require
 from .errors import UnknownMethod
 
 
@@ -63,8 +63,8 @@ class ModelSettings(BaseModel):
     @field_validator("views")
     @classmethod
     def _known_views(cls, value: list[str]) -> list[str]:
+        from .engine.evidence import parse_view
         from .errors import ConfigError
-        from .evidence import parse_view
 
         for text in value:
             try:

@@ -13,7 +13,7 @@
     ├── ConfigError         the server's own configuration is wrong (start-up only)
     └── ModelLoadError      the model or its weights could not be loaded (start-up only)
 
-Only the gRPC layer maps them to status codes (service/axguard/server.py, one table).
+Only the transport maps them to status codes (transport/status.py, one table).
 """
 
 from __future__ import annotations
@@ -94,3 +94,9 @@ class ConfigError(AxguardError):
 
 class ModelLoadError(AxguardError):
     """The model, its weights or its class names could not be loaded."""
+
+
+def field_within(part: str, field: str | None) -> str:
+    """Name `field` inside the request part `part`: ("requests[2]", "image") →
+    "requests[2].image"; no field → the part itself. The one way errors get prefixed."""
+    return f"{part}.{field}" if field else part

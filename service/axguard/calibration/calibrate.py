@@ -13,21 +13,36 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from ..attribution import available_methods, duplicate_methods, list_methods
-from ..engine import CheckItem, Engine, EvidencePlan
+from ..engine.attribution import available_methods, duplicate_methods, list_methods
+from ..engine.core import CheckItem, Engine, EvidencePlan
+from ..engine.scoring import AX_PROCESSES
+from ..engine.sharedpass import SHARED_METHODS
 from ..errors import ConfigError, InvalidInput
-from ..scoring import AX_PROCESSES
-from ..sharedpass import SHARED_METHODS
-from ..verdict import (
+from ..flag.artifact import (
+    CalibrationArtifact,
+    DataInfo,
+    FamilyReport,
+    Interval,
+    ModelRef,
+    PairedDifference,
+    RankEntry,
+    Samples,
+    ScoreMetrics,
+    Selection,
+    ThresholdInfo,
+)
+from ..flag.verdict import (
     DEFAULT_FAMILIES,
     EPSILON_GRID,
     OFFERED_FAMILIES,
@@ -43,19 +58,6 @@ from ..verdict import (
     predict_risk,
 )
 from . import metrics as m
-from .artifact import (
-    CalibrationArtifact,
-    DataInfo,
-    FamilyReport,
-    Interval,
-    ModelRef,
-    PairedDifference,
-    RankEntry,
-    Samples,
-    ScoreMetrics,
-    Selection,
-    ThresholdInfo,
-)
 from .datasets import LabelledImages
 from .risk import (
     MIN_ERRORS_TO_FUSE,
@@ -242,121 +244,195 @@ def left_out_note(left_out: list[tuple[str, str]]) -> list[str]:
             f"not finite: {shown}{more}."]
 
 
-def calibrate(
-    engine: Engine,
-    images: LabelledImages,
-    *,
-    pairs: Sequence[tuple[str, str]] | None = None,
-    families: Sequence[str] = DEFAULT_FAMILIES,
-    epsilons: Sequence[float] = EPSILON_GRID,
-    views: Sequence[str] = (),
-    mode: str = "false_alarm",
-    beta: float = 0.05,
-    recall: float = 0.9,
-    delta: float = 0.05,
-    max_cost: float | None = None,
-    folds: int = 5,
-    repeats: int = 2,
-    seed: int = 0,
-    gax_percentile: float = 95.0,
-    n_bootstrap: int = 1000,
-    selection_resamples: int = 500,
-    batch_size: int = 64,
-    progress: bool = True,
-) -> CalibrationArtifact:
-    """Return a calibration artifact for the engine's model on labelled images.
+@dataclass(frozen=True)
+class CalibrateOptions:
+    """What `calibrate` fits and how (`axguard calibrate`'s flags; defaults as documented)."""
+
+    pairs: Sequence[tuple[str, str]] | None = None
+    """(method, AX process) pairs whose CO scores are measured; None: DEFAULT_PAIRS."""
+    families: Sequence[str] = DEFAULT_FAMILIES
+    """Evidence families offered to the fit (msp is always there)."""
+    epsilons: Sequence[float] = EPSILON_GRID
+    """The perturbation family's step grid."""
+    views: Sequence[str] = ()
+    """Test-time views for the "views" family (offered when any is given)."""
+    mode: str = "false_alarm"
+    """"false_alarm" (at most `beta` of correct predictions flagged) or "error_recall"."""
+    beta: float = 0.05
+    recall: float = 0.9
+    delta: float = 0.05
+    """The promise holds with probability at least 1 − delta."""
+    max_cost: float | None = None
+    """Most serving cost the kept families may add, in plain forwards (a backward = 2)."""
+    folds: int = 5
+    repeats: int = 2
+    seed: int = 0
+    gax_percentile: float = 95.0
+    n_bootstrap: int = 1000
+    selection_resamples: int = 500
+    batch_size: int = 64
+    progress: bool = True
+
+    def checked(self, engine: Engine) -> CalibrateOptions:
+        """Return the options normalised (pairs filled in, families once each, "views"
+        offered when views are given) after every check that needs no image."""
+        pairs = list(self.pairs or DEFAULT_PAIRS)
+        families = list(dict.fromkeys(self.families))
+        if "views" not in families and self.views:
+            families.append("views")
+        check_families(families, self.epsilons, self.views)
+        check_distinct_methods(engine, pairs, families)
+        if self.mode not in ("false_alarm", "error_recall"):
+            raise ValueError(f"unknown mode {self.mode!r}")
+        if self.max_cost is not None and not self.max_cost >= 0:
+            raise ConfigError(f"{self.max_cost} must be a number of plain forwards ≥ 0",
+                              field="max_cost")
+        return dataclasses.replace(self, pairs=tuple(pairs), families=tuple(families))
+
+
+def calibrate(engine: Engine, images: LabelledImages, options: CalibrateOptions | None = None,
+              **overrides: Any) -> CalibrationArtifact:
+    """Return a calibration artifact for the engine's model on labelled images: collect the
+    evidence, fit the flag, choose its threshold, measure every score, assemble the artifact.
+    `overrides` replace fields of `options` (calibrate(engine, images, mode="error_recall")).
 
     Raises ConfigError for bad settings (before any image is run), GuaranteeUnavailable
     when the data cannot support the requested promise, and InvalidInput when the images
     hold no wrong (or no correct) prediction.
     """
-    pairs = list(pairs or DEFAULT_PAIRS)
-    families = list(dict.fromkeys(families))
-    if "views" not in families and views:
-        families.append("views")
-    check_families(families, epsilons, views)
-    check_distinct_methods(engine, pairs, families)
-    if mode not in ("false_alarm", "error_recall"):
-        raise ValueError(f"unknown mode {mode!r}")
-    if max_cost is not None and not max_cost >= 0:
-        raise ConfigError(f"{max_cost} must be a number of plain forwards ≥ 0",
-                          field="max_cost")
-    candidates = candidate_families(engine, pairs, families, epsilons, views)
-    msp_family = Family(name="msp")
+    options = dataclasses.replace(options or CalibrateOptions(), **overrides).checked(engine)
+    pairs = list(options.pairs or ())
+    candidates = candidate_families(engine, pairs, options.families, options.epsilons,
+                                    options.views)
     data = collect(engine, images, pairs, EvidencePlan.of(candidates),
-                   batch_size=batch_size, progress=progress)
+                   batch_size=options.batch_size, progress=options.progress)
+    features, labelled = measured_features(data, pairs, candidates)
+    fit = fit_flag(features, data.is_error, candidates, options)
+    threshold = choose_threshold(fit.threshold_risk, data.is_error, options)
+    scores, paired = score_everything(features, labelled, fit.out_of_fold, data.is_error,
+                                      options)
+    return assemble(engine, images, data, options, features, labelled, fit, threshold,
+                    scores, paired)
+
+
+MSP = Family(name="msp")
+
+
+def measured_features(data: Collected, pairs: Sequence[tuple[str, str]],
+                      candidates: Sequence[Family]
+                      ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Return (label-free features, labelled CO scores) by name. The baselines every report
+    compares against (MSP, margin, entropy, energy and the label-free CO scores) are
+    measured whatever families are offered."""
     is_error = data.is_error
-    # The baselines every report compares against (MSP, margin, entropy, energy and the
-    # label-free CO scores) are measured whatever families are offered.
-    baselines = [Family(name="logit"), Family(name="co", pairs=tuple(
-        MethodPair(method=a, ax_process=b) for a, b in pairs))]
-    features = {**features_of(baselines, data.evidence),
-                **features_of([msp_family, *candidates], data.evidence)}
-    labelled = {co_feature_name(meth, proc, labelled=True): v
-                for (meth, proc), v in data.co_labelled.items()}
     if not is_error.any() or is_error.all():
         raise InvalidInput(
             f"the images hold {int(is_error.sum())} wrong predictions of {len(is_error)}: "
             "the risk model needs both wrong and correct ones; use more or harder labelled "
             "data", field="data")
-    n_errors = int(is_error.sum())
-    folds = max(2, min(folds, n_errors, int((~is_error).sum())))
+    baselines = [Family(name="logit"), Family(name="co", pairs=tuple(
+        MethodPair(method=a, ax_process=b) for a, b in pairs))]
+    features = {**features_of(baselines, data.evidence),
+                **features_of([MSP, *candidates], data.evidence)}
+    labelled = {co_feature_name(meth, proc, labelled=True): v
+                for (meth, proc), v in data.co_labelled.items()}
+    return features, labelled
 
+
+@dataclass
+class FlagFit:
+    """The fitted flag and the risks its threshold and report use."""
+
+    candidates: list[Family]
+    """The offered families after ε was chosen (one perturbation step at most)."""
+    epsilon_aurocs: list[float]
+    fusion: Fusion
+    risk_model: RiskModel
+    risk: np.ndarray
+    """The final model's risk of every image (fitted on all of them)."""
+    threshold_risk: np.ndarray
+    """Risks of models that did not see the image, for the order-statistic threshold."""
+    out_of_fold: np.ndarray
+    folds: int
+
+
+def fit_flag(features: dict[str, np.ndarray], is_error: np.ndarray,
+             candidates: Sequence[Family], options: CalibrateOptions) -> FlagFit:
+    """Choose ε, fuse the families (shrinkage, within the cost bound) and fit the risk model
+    on every image."""
+    n_errors = int(is_error.sum())
+    folds = max(2, min(options.folds, n_errors, int((~is_error).sum())))
+    candidates = list(candidates)
     epsilon_aurocs: list[float] = []
     perturbations = [f for f in candidates if f.name == "perturbation"]
     if len(perturbations) > 1 and n_errors >= MIN_ERRORS_TO_FUSE:
         # ε from its grid: the one whose msp + perturbation fit is best out of fold (the
         # steps are near-duplicates of one another; serving pays for each one kept).
         for family in perturbations:
-            risk = cross_fitted_risk(features, is_error, names_of([msp_family, family]),
-                                     folds=folds, repeats=repeats, seed=seed)
+            risk = cross_fitted_risk(features, is_error, names_of([MSP, family]),
+                                     folds=folds, repeats=options.repeats, seed=options.seed)
             epsilon_aurocs.append(m.auroc(is_error, risk))
         best = perturbations[int(np.argmax(epsilon_aurocs))]
         candidates = [f for f in candidates if f.name != "perturbation" or f is best]
-    fusion = fuse(features, is_error, msp_family, candidates, folds=folds, repeats=repeats,
-                  n_resamples=selection_resamples, seed=seed, max_cost=max_cost)
-    kept = fusion.families
-    risk_model = fit_risk_model(features, is_error, names_of(kept), seed=seed)
+    fusion = fuse(features, is_error, MSP, candidates, folds=folds, repeats=options.repeats,
+                  n_resamples=options.selection_resamples, seed=options.seed,
+                  max_cost=options.max_cost)
+    risk_model = fit_risk_model(features, is_error, names_of(fusion.families),
+                                seed=options.seed)
     risk = predict_risk(risk_model, features)
     # msp alone ranks exactly as MSP: its full-data risk is a fixed monotone map of MSP, so
     # the order-statistic threshold over it is exact. A fused model's threshold comes from
     # risks of models that did not see the image (the first cross-fitting split: one model
     # per image, as served), and the held-out benchmark checks that the promise holds.
-    threshold_risk = risk if fusion.risks is None else fusion.risks[0]
-    oof = risk if fusion.risk is None else fusion.risk
+    return FlagFit(candidates, epsilon_aurocs, fusion, risk_model, risk,
+                   risk if fusion.risks is None else fusion.risks[0],
+                   risk if fusion.risk is None else fusion.risk, folds)
 
-    if mode == "false_alarm":
-        rule = false_alarm_threshold(threshold_risk[~is_error], beta, delta)
-        target = beta
+
+def choose_threshold(risk: np.ndarray, is_error: np.ndarray,
+                     options: CalibrateOptions) -> ThresholdInfo:
+    """The order-statistic threshold of the promise, and what it achieves on these images."""
+    if options.mode == "false_alarm":
+        rule = false_alarm_threshold(risk[~is_error], options.beta, options.delta)
+        target = options.beta
     else:
-        rule = error_recall_threshold(threshold_risk[is_error], recall, delta)
-        target = recall
-    flagged = flags(mode, rule.value, threshold_risk)
-    false_alarms = float(flagged[~is_error].mean())
-    recall_seen = float(flagged[is_error].mean())
-    threshold = ThresholdInfo(
-        mode=mode, target=target, delta=delta, value=rule.value, order_index=rule.order_index,
-        n_used=rule.n, violation_probability=rule.violation_probability,
-        achieved_false_alarm_rate=false_alarms, achieved_error_recall=recall_seen,
-        flagged_share=float(flagged.mean()),
-    )
+        rule = error_recall_threshold(risk[is_error], options.recall, options.delta)
+        target = options.recall
+    flagged = flags(options.mode, rule.value, risk)
+    return ThresholdInfo(
+        mode=options.mode, target=target, delta=options.delta, value=rule.value,
+        order_index=rule.order_index, n_used=rule.n,
+        violation_probability=rule.violation_probability,
+        achieved_false_alarm_rate=float(flagged[~is_error].mean()),
+        achieved_error_recall=float(flagged[is_error].mean()),
+        flagged_share=float(flagged.mean()))
 
-    kwargs = {"n_bootstrap": n_bootstrap, "seed": seed}
+
+def score_everything(features: dict[str, np.ndarray], labelled: dict[str, np.ndarray],
+                     out_of_fold: np.ndarray, is_error: np.ndarray,
+                     options: CalibrateOptions) -> tuple[list[ScoreMetrics], dict]:
+    """Every score's metrics (label-free, labelled, the risk out of fold) and the paired
+    AUROC difference of the risk over MSP."""
+    kwargs = {"n_bootstrap": options.n_bootstrap, "seed": options.seed}
     scores = [score_metrics(k, v, is_error, label_free=True, evaluated_on="all", **kwargs)
               for k, v in features.items()]
     scores += [score_metrics(k, v, is_error, label_free=False, evaluated_on="all", **kwargs)
                for k, v in labelled.items()]
     scores += [
-        score_metrics("risk", oof, is_error, label_free=True, evaluated_on="out_of_fold",
-                      **kwargs),
+        score_metrics("risk", out_of_fold, is_error, label_free=True,
+                      evaluated_on="out_of_fold", **kwargs),
         score_metrics("msp", features["msp"], is_error, label_free=True,
                       evaluated_on="out_of_fold", **kwargs),
     ]
-    paired = m.paired_auroc_difference(is_error, oof, -features["msp"],
-                                       n_resamples=n_bootstrap, seed=seed)
+    paired = m.paired_auroc_difference(is_error, out_of_fold, -features["msp"],
+                                       n_resamples=options.n_bootstrap, seed=options.seed)
+    return scores, paired
 
-    by_name = {s.name: s for s in scores if s.evaluated_on == "all"}
-    ranking = sorted(
+
+def rank_pairs(by_name: dict[str, ScoreMetrics],
+               pairs: Sequence[tuple[str, str]]) -> list[RankEntry]:
+    """The (method, AX process) pairs by label-free AUROC, with their labelled figures."""
+    return sorted(
         (RankEntry(
             method=meth, ax_process=proc,
             auroc_label_free=by_name[co_feature_name(meth, proc)].auroc.value,
@@ -366,43 +442,55 @@ def calibrate(
         ) for meth, proc in pairs),
         key=lambda r: r.auroc_label_free, reverse=True,
     )
+
+
+def assemble(engine: Engine, images: LabelledImages, data: Collected,
+             options: CalibrateOptions, features: dict[str, np.ndarray],
+             labelled: dict[str, np.ndarray], fit: FlagFit, threshold: ThresholdInfo,
+             scores: list[ScoreMetrics], paired: dict) -> CalibrationArtifact:
+    """The calibration artifact of a fit: model, data, flag, selection report, threshold,
+    metrics, ranking, notes and the per-image samples."""
+    is_error, pairs, fusion = data.is_error, list(options.pairs or ()), fit.fusion
+    kept = fusion.families
+    by_name = {s.name: s for s in scores if s.evaluated_on == "all"}
     correct_co = np.concatenate([data.evidence.co[p][~is_error] for p in pairs])
-    notes = left_out_note(data.left_out) + _notes(is_error, by_name, paired, fusion)
     selection = Selection(
-        rule=SHRINKAGE_RULE, folds=folds, repeats=repeats, candidates=candidates,
-        epsilon_grid=[float(e) for e in epsilons] if epsilon_aurocs else [],
-        epsilon_aurocs=epsilon_aurocs, steps=[], kept=[f.key for f in kept],
+        rule=SHRINKAGE_RULE, folds=fit.folds, repeats=options.repeats,
+        candidates=fit.candidates,
+        epsilon_grid=[float(e) for e in options.epsilons] if fit.epsilon_aurocs else [],
+        epsilon_aurocs=fit.epsilon_aurocs, steps=[], kept=[f.key for f in kept],
         skipped_reason=fusion.fallback,
-        families=family_reports(fusion, risk_model),
+        families=family_reports(fusion, fit.risk_model),
         fused_vs_msp=(None if math.isnan(fusion.fused_vs_msp["difference"]) else
                       PairedDifference(a="fused", b="msp", **fusion.fused_vs_msp)),
-        max_cost=max_cost, cost=sum(family_cost(f) for f in kept))
+        max_cost=options.max_cost, cost=sum(family_cost(f) for f in kept))
     bundle = engine.bundle
     return CalibrationArtifact(
         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         model=ModelRef(name=bundle.name, version=bundle.version,
                        fingerprint=bundle.fingerprint, class_names=bundle.class_names),
         data=DataInfo(source=images.source, n_images=len(is_error),
-                      n_correct=int((~is_error).sum()), n_errors=n_errors,
-                      accuracy=float((~is_error).mean()), split_seed=seed,
+                      n_correct=int((~is_error).sum()), n_errors=int(is_error.sum()),
+                      accuracy=float((~is_error).mean()), split_seed=options.seed,
                       fit_fraction=1.0),
         pairs=[MethodPair(method=a, ax_process=b) for a, b in pairs],
-        flag=FlagModel(families=kept, risk_model=risk_model, mode=mode,  # type: ignore[arg-type]
-                       threshold=rule.value),
+        flag=FlagModel(families=kept, risk_model=fit.risk_model,
+                       mode=options.mode,  # type: ignore[arg-type]
+                       threshold=threshold.value),
         selection=selection,
         threshold=threshold,
-        gax_target=float(np.percentile(correct_co, gax_percentile)),
-        gax_target_percentile=gax_percentile,
+        gax_target=float(np.percentile(correct_co, options.gax_percentile)),
+        gax_target_percentile=options.gax_percentile,
         metrics=scores,
         risk_vs_msp=PairedDifference(a="risk", b="msp", **paired),
-        ranking=ranking,
-        notes=notes,
+        ranking=rank_pairs(by_name, pairs),
+        notes=left_out_note(data.left_out) + _notes(is_error, by_name, paired, fusion),
         samples=Samples(
             names=data.names, labels=data.labels.tolist(),
             predictions=data.predictions.tolist(), split=["fit"] * len(is_error),
             features={**{k: v.tolist() for k, v in features.items()},
-                      **{k: v.tolist() for k, v in labelled.items()}, "risk": risk.tolist(),
-                      "risk_out_of_fold": oof.tolist()},
+                      **{k: v.tolist() for k, v in labelled.items()},
+                      "risk": fit.risk.tolist(), "risk_out_of_fold": fit.out_of_fold.tolist()},
         ),
     )
 

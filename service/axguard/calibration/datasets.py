@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
+from ..engine.model import InputSpec
+from ..engine.preprocess import decode_image, image_to_tensor
 from ..errors import InvalidInput
-from ..model import InputSpec
-from ..preprocess import decode_image, image_to_tensor
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 BUILTIN = {"builtin:digits": "calibration", "builtin:digits-test": "test"}

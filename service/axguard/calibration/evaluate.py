@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
-from ..engine import Engine
+from ..engine.core import Engine
 from ..errors import ConfigError
-from ..verdict import Family, co_feature_name, error_sign, features_of
+from ..flag.artifact import Interval, PairedDifference
+from ..flag.verdict import Family, co_feature_name, error_sign, features_of
 from . import metrics as m
-from .artifact import Interval, PairedDifference
 from .calibrate import collect, left_out_note
 from .datasets import LabelledImages
 

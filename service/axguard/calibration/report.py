@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import html
+import string
+from importlib import resources
 from pathlib import Path
 
 import matplotlib
@@ -13,9 +15,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from ..verdict import co_feature_name, error_sign  # noqa: E402
+from ..flag.artifact import CalibrationArtifact, PairedDifference  # noqa: E402
+from ..flag.verdict import co_feature_name, error_sign  # noqa: E402
 from . import metrics as m  # noqa: E402
-from .artifact import CalibrationArtifact  # noqa: E402
 
 CORRECT, WRONG = "#2b7bba", "#d7301f"
 
@@ -137,34 +139,53 @@ def _fmt(i) -> str:  # noqa: ANN001
     return f"{i.value:.3f} <small>[{i.low:.3f}, {i.high:.3f}]</small>"
 
 
-def render_html(artifact: CalibrationArtifact, figures: dict[str, Path]) -> str:
-    """Return the self-contained report page (figures embedded as base64 PNG)."""
-    a = artifact
-    risk = a.metric("risk", "out_of_fold")
-    msp = a.metric("msp", "out_of_fold")
-    d = a.risk_vs_msp
+CAPTIONS = {
+    "co_boxplots": "CO scores of wrong (upper box) and correct (lower box) predictions. "
+                   "Left: the "
+                   "paper's labelled score, which uses the true label and so cannot run in "
+                   "production. Right: the label-free score the flag may use.",
+    "co_histograms": "The same distributions as histograms (density).",
+    "roc": "ROC curves with errors as positives. Left: each score on all calibration "
+           "images, against MSP (black). Right: the fitted risk against MSP, out of "
+           "fold on the fit split.",
+    "risk_coverage": "Error rate among the predictions kept, as fewer are kept: lower is "
+                     "better.",
+}
+
+
+def report_template() -> string.Template:
+    """The report page (package data: calibration/templates/report.html)."""
+    page = resources.files(__package__).joinpath("templates", "report.html")
+    return string.Template(page.read_text(encoding="utf-8"))
+
+
+def _verdict_text(d: PairedDifference) -> str:
     if d.low > 0:
-        verdict = "Yes: the risk beats MSP out of fold (the whole interval is above 0)."
-    elif d.high < 0:
-        verdict = "No: MSP alone separates errors better than the risk out of fold."
-    else:
-        verdict = "Not measurably: the interval of the difference includes 0."
-    t = a.threshold
-    promise = (f"fires on at most {t.target:.0%} of correct predictions"
-               if t.mode == "false_alarm"
-               else f"catches at least {t.target:.0%} of wrong predictions")
-    rows = "".join(
+        return "Yes: the risk beats MSP out of fold (the whole interval is above 0)."
+    if d.high < 0:
+        return "No: MSP alone separates errors better than the risk out of fold."
+    return "Not measurably: the interval of the difference includes 0."
+
+
+def _metric_rows(a: CalibrationArtifact) -> str:
+    return "".join(
         f"<tr><td>{html.escape(s.name)}</td><td>{'yes' if s.label_free else '<b>no</b>'}</td>"
         f"<td>{s.evaluated_on}</td><td>{_fmt(s.auroc)}</td><td>{_fmt(s.aupr_error)}</td>"
         f"<td>{_fmt(s.fpr_at_95_correct_kept)}</td><td>{_fmt(s.aurc)}</td>"
         f"<td>{_fmt(s.eaurc)}</td><td>{s.median_gap:+.3f}</td>"
         f"<td>{s.mann_whitney_p:.2g}</td></tr>"
         for s in a.metrics)
-    ranking = "".join(
+
+
+def _ranking_rows(a: CalibrationArtifact) -> str:
+    return "".join(
         f"<tr><td>{r.method}/{r.ax_process}</td><td>{r.auroc_label_free:.3f}</td>"
         f"<td>{r.median_gap_label_free:+.3f}</td><td>{r.auroc_labelled:.3f}</td>"
         f"<td>{r.median_gap_labelled:+.3f}</td></tr>" for r in a.ranking)
-    notes = "".join(f"<li>{html.escape(n)}</li>" for n in a.notes)
+
+
+def _selection_html(a: CalibrationArtifact) -> str:
+    """The evidence families' section: the rule, what was kept, each family's effect."""
     sel = a.selection
     steps = "".join(
         f"<tr><td>{st.step}</td><td>{html.escape(st.family)}</td><td>{st.auroc:.4f}</td>"
@@ -177,7 +198,7 @@ def render_html(artifact: CalibrationArtifact, figures: dict[str, Path]) -> str:
     fused = sel.fused_vs_msp
     epsilons = ", ".join(f"ε={e:g}: {u:.4f}" for e, u in zip(sel.epsilon_grid,
                                                               sel.epsilon_aurocs, strict=True))
-    selection = (
+    return (
         f"<p>Rule: {html.escape(sel.rule)} ({sel.folds}-fold cross-fitting, repeated "
         f"{sel.repeats}×). Kept: <b id='kept'>{html.escape(', '.join(sel.kept))}</b>; the "
         f"verdict adds at most {sel.cost:g} plain forwards"
@@ -193,64 +214,39 @@ def render_html(artifact: CalibrationArtifact, figures: dict[str, Path]) -> str:
         + ("<table><tr><th>step</th><th>family tried</th><th>AUROC (out of fold)</th>"
            f"<th>gain</th><th>gain, 95% lower bound</th><th></th></tr>{steps}</table>"
            if steps else ""))
-    captions = {
-        "co_boxplots": "CO scores of wrong (upper box) and correct (lower box) predictions. "
-                       "Left: the "
-                       "paper's labelled score, which uses the true label and so cannot run in "
-                       "production. Right: the label-free score the flag may use.",
-        "co_histograms": "The same distributions as histograms (density).",
-        "roc": "ROC curves with errors as positives. Left: each score on all calibration "
-               "images, against MSP (black). Right: the fitted risk against MSP, out of "
-               "fold on the fit split.",
-        "risk_coverage": "Error rate among the predictions kept, as fewer are kept: lower is "
-                         "better.",
-    }
-    images = "".join(
+
+
+def _figures_html(figures: dict[str, Path]) -> str:
+    return "".join(
         f'<figure><img alt="{key}" src="data:image/png;base64,'
-        f'{base64.b64encode(path.read_bytes()).decode()}"><figcaption>{captions[key]}'
+        f'{base64.b64encode(path.read_bytes()).decode()}"><figcaption>{CAPTIONS[key]}'
         f"</figcaption></figure>" for key, path in figures.items())
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>axguard calibration {a.calibration_id}</title>
-<style>
-body {{ font-family: sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}
-table {{ border-collapse: collapse; font-size: 0.8em; }}
-td, th {{ border: 1px solid #ccc; padding: 2px 6px; text-align: right; }}
-td:first-child {{ text-align: left; }}
-.headline {{ font-size: 1.3em; padding: 0.6em; background: #f4f4f4; }}
-figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }}
-figcaption {{ font-size: 0.85em; color: #555; }}
-</style></head>
-<body data-figures="{len(figures)}">
-<h1>Does the flag beat MSP on {html.escape(a.model.name)}?</h1>
-<p class="headline" id="verdict">{verdict}<br>
-Risk AUROC {_fmt(risk.auroc)} vs MSP {_fmt(msp.auroc)}; difference {d.difference:+.3f}
-<small>[{d.low:+.3f}, {d.high:+.3f}]</small> (paired bootstrap, out of fold on the fit split;
-the families were chosen on the same predictions, so run <code>axguard evaluate</code> on
-other labelled data for the honest number).</p>
-<p>Model {html.escape(a.model.name)} v{html.escape(a.model.version)}
-(<code>{a.model.fingerprint[:16]}…</code>), calibration <code>{a.calibration_id}</code>,
-data {html.escape(a.data.source)}: {a.data.n_images} images, {a.data.n_errors} wrong
-(accuracy {a.data.accuracy:.4f}).</p>
-<p>Promise: the flag {promise} with probability ≥ {1 - t.delta:.2f}; threshold on risk
-{t.value:.4f} (order statistic {t.order_index} of {t.n_used} held-out predictions). It
-flagged {t.achieved_false_alarm_rate:.2%} of correct and {t.achieved_error_recall:.2%} of wrong
-predictions (held out for the promised rate, out of fold for the other).
-Risk features: {", ".join(a.flag.risk_model.features)}.
-Default GAX target: {a.gax_target:.2f} (the {a.gax_target_percentile:.0f}th percentile of
-label-free CO on correct predictions).</p>
-<ul>{notes}</ul>
-<h2>Evidence families: what the risk model uses, and why</h2>{selection}
-<h2>Methods ranked by label-free separation</h2>
-<table><tr><th>method</th><th>AUROC label-free</th><th>median gap label-free</th>
-<th>AUROC labelled</th><th>median gap labelled</th></tr>{ranking}</table>
-<h2>Figures</h2>{images}
-<h2>All metrics (errors are positives; bootstrap 95% intervals)</h2>
-<table><tr><th>score</th><th>label-free</th><th>on</th><th>AUROC</th><th>AUPR-Error</th>
-<th>FPR@95% correct kept</th><th>AURC</th><th>E-AURC</th><th>median gap</th>
-<th>Mann–Whitney p</th></tr>{rows}</table>
-{FIGURES_LOADED_SCRIPT}
-</body></html>
-"""
+
+
+def render_html(artifact: CalibrationArtifact, figures: dict[str, Path]) -> str:
+    """Return the self-contained report page (figures embedded as base64 PNG)."""
+    a, t, d = artifact, artifact.threshold, artifact.risk_vs_msp
+    promise = (f"fires on at most {t.target:.0%} of correct predictions"
+               if t.mode == "false_alarm"
+               else f"catches at least {t.target:.0%} of wrong predictions")
+    return report_template().substitute(
+        calibration_id=a.calibration_id, figure_count=len(figures),
+        model_name=html.escape(a.model.name), model_version=html.escape(a.model.version),
+        fingerprint=a.model.fingerprint[:16], verdict=_verdict_text(d),
+        risk_auroc=_fmt(a.metric("risk", "out_of_fold").auroc),
+        msp_auroc=_fmt(a.metric("msp", "out_of_fold").auroc),
+        difference=f"{d.difference:+.3f}", difference_low=f"{d.low:+.3f}",
+        difference_high=f"{d.high:+.3f}", data_source=html.escape(a.data.source),
+        n_images=a.data.n_images, n_errors=a.data.n_errors, accuracy=f"{a.data.accuracy:.4f}",
+        promise=promise, confidence=f"{1 - t.delta:.2f}", threshold=f"{t.value:.4f}",
+        order_index=t.order_index, n_used=t.n_used,
+        false_alarm_rate=f"{t.achieved_false_alarm_rate:.2%}",
+        error_recall=f"{t.achieved_error_recall:.2%}",
+        risk_features=", ".join(a.flag.risk_model.features),
+        gax_target=f"{a.gax_target:.2f}", gax_percentile=f"{a.gax_target_percentile:.0f}",
+        notes="".join(f"<li>{html.escape(n)}</li>" for n in a.notes),
+        selection=_selection_html(a), ranking=_ranking_rows(a), figures=_figures_html(figures),
+        metric_rows=_metric_rows(a), figures_loaded_script=FIGURES_LOADED_SCRIPT)
 
 
 def write_report(artifact: CalibrationArtifact, out: Path) -> Path:

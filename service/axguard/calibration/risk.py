@@ -37,7 +37,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.model_selection import StratifiedKFold
 
-from ..verdict import Family, RiskModel, predict_risk
+from ..flag.verdict import Family, RiskModel, predict_risk
 from .metrics import auroc, paired_auroc_difference
 
 C_GRID = tuple(np.logspace(-3, 2, 8).tolist())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..model import InputSpec, ModelBundle, load_bundle
+from ..engine.model import InputSpec, ModelBundle, load_bundle
 
 ASSETS = Path(__file__).parent / "assets"
 

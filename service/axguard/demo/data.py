@@ -1,7 +1,7 @@
 """The digits data: scikit-learn's bundled `load_digits` (1,797 real 8 x 8 scans, no download).
 
 Split, fixed by seed 0 and stratified by class: 60% train, 20% calibration, 20% test.
-Every image goes through axguard.preprocess.image_to_tensor, the serving path, so an 8 x 8
+Every image goes through axguard.engine.preprocess.image_to_tensor, the serving path, so an 8 x 8
 PNG of a digit sent to the server becomes exactly the tensor the model was trained on.
 """
 
@@ -16,8 +16,8 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from ..model import InputSpec
-from ..preprocess import image_to_tensor
+from ..engine.model import InputSpec
+from ..engine.preprocess import image_to_tensor
 
 SPLIT_SEED = 0
 SPLITS = ("train", "calibration", "test")

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..model import InputSpec, sha256_file, wrap_network
+from ..engine.model import InputSpec, sha256_file, wrap_network
 from .data import CLASS_NAMES, SPLIT_SEED, load_split
 from .network import build_demo_net
 

@@ -27,18 +27,13 @@ from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from ..calibration.datasets import LabelledImages  # noqa: E402
-from ..calibration.report import (  # noqa: E402
-    CORRECT,
-    FIGURES_LOADED_SCRIPT,
-    WRONG,
-    correct_vs_wrong,
-)
+from ..calibration.report import CORRECT, FIGURES_LOADED_SCRIPT, WRONG, correct_vs_wrong
 from ..config import GaxSettings  # noqa: E402
-from ..diagnoser import Diagnoser  # noqa: E402
-from ..engine import CheckItem, CheckResult, Engine  # noqa: E402
+from ..engine.core import CheckItem, CheckResult, Engine  # noqa: E402
+from ..engine.model import ModelBundle  # noqa: E402
+from ..engine.scoring import AX_PROCESSES  # noqa: E402
 from ..errors import InvalidInput  # noqa: E402
-from ..model import ModelBundle  # noqa: E402
-from ..scoring import AX_PROCESSES  # noqa: E402
+from ..serving.diagnoser import Diagnoser  # noqa: E402
 
 
 @dataclass

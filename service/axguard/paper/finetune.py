@@ -22,8 +22,8 @@ from torchvision.transforms import Normalize
 from tqdm import tqdm
 
 from ..calibration.datasets import LabelledImages, load_labelled_images
+from ..engine.model import InputSpec
 from ..errors import InvalidInput
-from ..model import InputSpec
 from .models import ARCHES, FACTORIES, truncated
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -13,7 +13,7 @@ import torch
 import torchvision
 from torch import nn
 
-from ..model import load_state_dict
+from ..engine.model import load_state_dict
 
 # arch → (torchvision name, how many leading modules are kept, where they are)
 ARCHES = {"resnet34": ("resnet34", 8, "children"), "resnet18": ("resnet18", 8, "children"),

@@ -1,0 +1,202 @@
+"""The gRPC server: both protocols' servicers over one data plane, health, reflection, and
+the lifecycle (build, warm up and start serving, drain, serve one process).
+
+Each RPC method converts its request (v1/converters.py, oip/converters.py), calls one
+data-plane method (serving/dataplane.py) and converts the answer back. Every RPC goes
+through `rpc_method` (status.py): engine errors become status codes by one table, anything
+unexpected INTERNAL with a generic message (the detail goes to the log with the request id).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from ..config import Settings
+from ..engine.core import Engine
+from ..errors import ConfigError
+from ..serving.dataplane import DataPlane, input_limits
+from ..serving.metrics import EngineCollector, LiveQualityCollector, Metrics
+from ..serving.threads import ThreadChoice
+from .interceptors import MetricsInterceptor
+from .oip import servicer as openinference
+from .security import CertificateFiles, TokenFile, TokenInterceptor
+from .torch_threads import choose_torch_threads, configure_torch
+from .v1 import confidence_pb2_grpc as pb_grpc
+from .v1.servicer import SERVICE_NAME, ConfidenceServicer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SERVICE_NAME", "ConfidenceServicer", "ServerParts", "build_server", "drain",
+           "input_limits", "serve", "start_serving"]
+
+
+@dataclass
+class ServerParts:
+    """A built (not yet started) server and what the lifecycle and tests reach for."""
+
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    plane: DataPlane
+    metrics: Metrics
+    interceptor: MetricsInterceptor
+    certificates: CertificateFiles | None = None
+    """TLS certificate files (reloaded when they change); None without TLS."""
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """Return the grpc server's channel arguments: message limits, connection age."""
+    server = settings.server
+    options = [("grpc.max_receive_message_length", server.max_message_bytes),
+               ("grpc.max_send_message_length", server.max_message_bytes)]
+    if server.max_connection_age_seconds > 0:
+        options += [("grpc.max_connection_age_ms",
+                     max(1, round(server.max_connection_age_seconds * 1000))),
+                    ("grpc.max_connection_age_grace_ms",
+                     round(server.max_connection_age_grace_seconds * 1000))]
+    return options
+
+
+def build_server(settings: Settings, engine: Engine,
+                 registry: CollectorRegistry | None = None) -> ServerParts:
+    """Return the server's parts, bound to its port and not started yet.
+
+    Health starts NOT_SERVING; `start_serving` flips it after the warm-up. Metrics go to
+    `registry` (a fresh one when None).
+    """
+    registry = registry if registry is not None else CollectorRegistry()
+    bundle = engine.bundle
+    metrics = Metrics(registry, model=bundle.name, class_names=bundle.class_names,
+                      max_class_labels=settings.metrics.max_class_labels)
+    calibration_id = engine.calibration.calibration_id if engine.calibration else ""
+    metrics.set_model(bundle.version, bundle.fingerprint, calibration_id)
+    interceptor = MetricsInterceptor(metrics)
+    interceptors: list[grpc.ServerInterceptor] = [interceptor]  # outermost: counts refusals
+    auth = settings.server.auth
+    if auth.token_file is not None:
+        tokens = TokenFile(auth.token_file)
+        interceptors.append(TokenInterceptor(
+            tokens, lambda rpc: metrics.auth_refused.labels(rpc).inc()))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=settings.server.max_workers,
+                                   thread_name_prefix="axguard-rpc"),
+        interceptors=interceptors,
+        options=server_options(settings),
+    )
+    plane = DataPlane(engine, settings, metrics)
+    registry.register(EngineCollector(engine, plane.batcher, bundle.name))
+    registry.register(LiveQualityCollector(plane.live, bundle.name))
+    pb_grpc.add_ConfidenceServiceServicer_to_server(ConfidenceServicer(plane), server)
+    openinference.add_to_server(plane, server)  # the Open Inference Protocol, same port
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, openinference.SERVICE_NAME,
+         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME),
+        server,
+    )
+    address = f"{settings.server.host}:{settings.server.port}"
+    tls = settings.server.tls
+    certificates = None
+    if tls.enabled:
+        assert tls.cert_file is not None and tls.key_file is not None
+        certificates = CertificateFiles(tls.cert_file, tls.key_file, tls.client_ca_file)
+        port = server.add_secure_port(address, certificates.credentials())
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise ConfigError(f"cannot bind {address}", field="server.port")
+    return ServerParts(server, port, health_servicer, plane, metrics, interceptor,
+                       certificates)
+
+
+def start_serving(parts: ServerParts, settings: Settings | None = None,
+                  choice: ThreadChoice | None = None) -> None:
+    """Start the server, warm the engine up, pick the torch threads (when `settings` are
+    given; see startup.py), then report SERVING. A `choice` made before (the engine warmed
+    up before the port was bound) skips the warm-up."""
+    engine = parts.plane.engine
+    parts.server.start()
+    if choice is None:
+        warm = engine.warm_up(ready=settings is None)
+        if settings is not None:
+            choice = choose_torch_threads(settings, engine, warm)
+    if choice is not None:
+        parts.plane.thread_choice = choice
+        parts.metrics.torch_threads.labels(parts.metrics.model, choice.source).set(
+            choice.threads)
+        engine.ready = True
+    for name in ("", SERVICE_NAME):
+        parts.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+QUIET_SECONDS = 0.5
+
+
+def drain(parts: ServerParts, grace: float) -> None:
+    """Shut down gracefully: NOT_SERVING at once, new RPCs UNAVAILABLE, in-flight RPCs get
+    up to `grace` seconds to finish, then the server stops (cancelling what is left)."""
+    log.info("draining", extra={"grace_seconds": grace})
+    parts.health.enter_graceful_shutdown()
+    parts.plane.draining = True
+    interceptor = parts.interceptor
+    deadline = time.monotonic() + grace
+    # Stop only once nothing runs and no RPC arrived for QUIET_SECONDS: RPCs that reach the
+    # transport while it closes would get CANCELLED instead of our UNAVAILABLE.
+    while time.monotonic() < deadline and (
+            interceptor.active or time.monotonic() - interceptor.last_start < QUIET_SECONDS):
+        time.sleep(0.02)
+    parts.server.stop(max(deadline - time.monotonic(), 1.0)).wait()
+
+
+def serve(settings: Settings, on_ready: Callable[[int], None] | None = None,
+          warm_first: bool = False) -> int:
+    """Run one server process until SIGTERM or SIGINT; return the exit code (several
+    processes: launch.launch chooses, and its workers call this). `on_ready(metrics port)`
+    is called once the server is SERVING. `warm_first` warms the engine up and picks its
+    threads before binding the port (a worker sharing the port must not receive
+    connections it cannot answer yet)."""
+    from ..builder import build_engine
+
+    configure_torch(settings)
+    engine = build_engine(settings)
+    choice = None
+    if warm_first:
+        choice = choose_torch_threads(settings, engine, engine.warm_up(ready=False))
+    parts = build_server(settings, engine)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    metrics_http = None
+    if settings.metrics.enabled:
+        metrics_http, _ = start_http_server(settings.metrics.port, settings.metrics.host,
+                                            registry=parts.metrics.registry)
+        log.info("metrics", extra={"address": f"{settings.metrics.host}:"
+                                              f"{metrics_http.server_port}"})
+    start_serving(parts, settings, choice)
+    log.info("serving", extra={"address": f"{settings.server.host}:{parts.port}",
+                               "model": engine.bundle.name})
+    if on_ready is not None:
+        on_ready(metrics_http.server_port if metrics_http is not None else 0)
+    stop.wait()
+    drain(parts, settings.server.grace_seconds)
+    parts.plane.close()
+    if metrics_http is not None:  # last, so the drain itself is visible to Prometheus
+        metrics_http.shutdown()
+        metrics_http.server_close()
+    log.info("stopped")
+    return 0
