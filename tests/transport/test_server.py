@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import io
+import time
 
 import grpc
 import numpy as np
@@ -241,6 +242,51 @@ def test_a_health_watch_is_not_a_call_in_flight(demo_server):
     finally:
         watch.cancel()
         channel.close()
+
+
+def test_drain_finishes_while_health_watching_clients_leave(demo_engine):
+    """Balancing clients watch health and leave when they read NOT_SERVING. With
+    grpcio-health-checking's own servicer this deadlocked the drain of a server with two or
+    more watchers (a status send waits for gRPC's completion thread, which waits for the
+    servicer's lock in a leaving stream's close callback): SIGTERM hung until SIGKILL."""
+    import threading
+
+    from axguard.transport.server import drain
+
+    server = RunningServer(demo_engine)
+    channels = [grpc.insecure_channel(server.target) for _ in range(8)]
+    saw_not_serving = threading.Semaphore(0)
+
+    def watch_then_leave(channel: grpc.Channel) -> None:
+        stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+        try:
+            for response in stream:
+                if response.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    saw_not_serving.release()
+                    channel.close()  # as a round-robin client drops a draining backend
+                    return
+        except grpc.RpcError:
+            pass
+
+    watchers = [threading.Thread(target=watch_then_leave, args=(c,), daemon=True)
+                for c in channels]
+    for w in watchers:
+        w.start()
+    while server.parts.health.Check(health_pb2.HealthCheckRequest(), None).status != (
+            health_pb2.HealthCheckResponse.SERVING):
+        pass
+    deadline = time.monotonic() + 30
+    while len(server.parts.health._send_response_callbacks.get("", [])) < 8:
+        assert time.monotonic() < deadline, "the watches did not start"
+    drained = threading.Thread(target=drain, args=(server.parts, 2.0), daemon=True)
+    drained.start()
+    drained.join(timeout=60)  # a hang, not a speed: a drain takes about 2 s here
+    try:
+        assert not drained.is_alive(), "drain deadlocked with health watchers leaving"
+        for _ in channels:
+            assert saw_not_serving.acquire(timeout=30), "a watcher never read NOT_SERVING"
+    finally:
+        server.plane.close()
 
 
 def requests_counted(server: RunningServer, method: str, code: str) -> float:

@@ -37,8 +37,45 @@ from .v1.servicer import SERVICE_NAME, ConfidenceServicer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SERVICE_NAME", "ConfidenceServicer", "ServerParts", "build_server", "drain",
-           "input_limits", "serve", "start_serving"]
+__all__ = ["SERVICE_NAME", "ConfidenceServicer", "HealthServicer", "ServerParts",
+           "build_server", "drain", "input_limits", "serve", "start_serving"]
+
+
+class HealthServicer(health.HealthServicer):
+    """grpc.health.v1 with status changes sent to watchers outside the servicer's lock.
+
+    grpcio-health-checking 1.85 sends each Watch update while holding its lock, and a send
+    waits for gRPC's completion thread; that thread, when a watching client has just gone
+    away, runs the stream's close callback, which waits for the same lock. Balancing
+    clients leave as soon as they read NOT_SERVING, so with two or more watchers
+    `enter_graceful_shutdown` deadlocked every drain (the pod would hang until SIGKILL;
+    tests/transport/test_server.py reproduces it). The state changes under the lock as
+    before; only the sends move out of it.
+    """
+
+    def set(self, service: str, status: int) -> None:
+        with self._lock:
+            if self._gracefully_shutting_down:
+                return
+            self._server_status[service] = status
+            callbacks = list(self._send_response_callbacks.get(service, ()))
+        response = health_pb2.HealthCheckResponse(status=status)
+        for send in callbacks:
+            send(response)
+
+    def enter_graceful_shutdown(self) -> None:
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        with self._lock:
+            if self._gracefully_shutting_down:
+                return
+            callbacks = []
+            for service in self._server_status:
+                self._server_status[service] = not_serving
+                callbacks += self._send_response_callbacks.get(service, ())
+            self._gracefully_shutting_down = True
+        response = health_pb2.HealthCheckResponse(status=not_serving)
+        for send in callbacks:
+            send(response)
 
 
 @dataclass
@@ -47,7 +84,7 @@ class ServerParts:
 
     server: grpc.Server
     port: int
-    health: health.HealthServicer
+    health: HealthServicer
     plane: DataPlane
     metrics: Metrics
     interceptor: MetricsInterceptor
@@ -99,7 +136,7 @@ def build_server(settings: Settings, engine: Engine,
     registry.register(LiveQualityCollector(plane.live, bundle.name))
     pb_grpc.add_ConfidenceServiceServicer_to_server(ConfidenceServicer(plane), server)
     openinference.add_to_server(plane, server)  # the Open Inference Protocol, same port
-    health_servicer = health.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
