@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 
-.PHONY: serve test test-registry lint proto docs train-demo venv tools system-deps calibrate-demo bench bench-flag bench-gax bench-memory bench-feedback bench-drift bench-transport bench-client bench-modern paper-demo fuzz soak image clean
+.PHONY: serve test test-registry lint proto docs train-demo venv tools system-deps calibrate-demo bench bench-flag bench-gax bench-memory bench-feedback bench-drift bench-transport bench-client bench-modern bench-triton bench-profile paper-demo fuzz soak image clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -109,6 +109,28 @@ bench-transport: $(STAMP)
 # ResNet-18 at 64x64 (~3 min).
 bench-modern: $(STAMP)
 	$(BIN)/python bench/modern_models.py
+
+# Triton's server binary (the nvidia-pytriton wheel) in front of the axguard engine against
+# axguard's own server, on the same Open Inference Protocol load (~5 min). Its own venv on
+# Debian's python3.11 (the wheel's Python-backend stub is built for it; pyenv's 3.11.7 fails
+# to initialise it), with axguard installed without its gRPC pins (tritonclient needs
+# protobuf < 7; the engine imports no gRPC).
+PYTRITON_VENV := .venv-pytriton
+PYTRITON_VERSION := 0.7.0
+$(PYTRITON_VENV)/.installed: pyproject.toml
+	test -x $(PYTRITON_VENV)/bin/python || /usr/bin/python3.11 -m venv $(PYTRITON_VENV)
+	$(PYTRITON_VENV)/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1 captum==0.9.0 \
+	  pydantic==2.14.4 pydantic-settings==2.16.3 pyyaml pillow safetensors==0.8.0 \
+	  timm==1.0.31 nvidia-pytriton==$(PYTRITON_VERSION)
+	$(PYTRITON_VENV)/bin/pip install --quiet --no-deps -e .
+	touch $@
+bench-triton: $(STAMP) $(PYTRITON_VENV)/.installed
+	$(PYTRITON_VENV)/bin/python bench/pytriton_front.py
+
+# Where the serving process holds the GIL: py-spy on the demo server under 8 clients.
+bench-profile: $(STAMP)
+	$(BIN)/pip install --quiet py-spy==0.4.1
+	$(BIN)/python bench/profile_service.py $(ARGS)
 
 # One client, three demo replicas: the spread of 300 Checks and the failed calls while one
 # replica is stopped, the client's defaults against gRPC's (~1 min).
