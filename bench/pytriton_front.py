@@ -81,12 +81,11 @@ def serve_with_triton(ports: dict[str, int]) -> None:
         stop.wait()
 
 
-def load(url: str, batched_input: bool) -> dict:
+def load(url: str) -> dict:
     """ModelInfer of one image from CLIENTS threads: throughput and latencies."""
     import tritonclient.grpc as grpcclient
 
-    image = np.random.default_rng(0).random((1, 3, 32, 32), dtype=np.float32)
-    data = image if batched_input else image
+    data = np.random.default_rng(0).random((1, 3, 32, 32), dtype=np.float32)
     latencies: list[float] = []
     lock = threading.Lock()
     counter = iter(range(REQUESTS))
@@ -157,7 +156,7 @@ def main() -> int:
                 wait_for(proc, '"serving"')
                 url = f"127.0.0.1:{port}"
             try:
-                row = {"front": front, "run": run, **load(url, True)}
+                row = {"front": front, "run": run, **load(url)}
             finally:
                 proc.send_signal(signal.SIGTERM)
                 try:

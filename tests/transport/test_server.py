@@ -447,7 +447,7 @@ def test_the_least_confident_wrong_test_digit_is_flagged(client, hardest_wrong_d
 def test_decode_limits_follow_the_memory_budget():
     from axguard.config import load_settings
     from axguard.errors import ConfigError
-    from axguard.transport.server import input_limits
+    from axguard.serving.dataplane import input_limits
 
     mib = 2**20
     limits = input_limits(load_settings())

@@ -13,7 +13,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -242,7 +242,8 @@ class DataPlane:
 
         answers: list[Answer | None] = [None] * count
         good: list[tuple[int, CheckItem]] = []
-        with self.arriving(count) as arrival:
+        # The batcher waits for announced items while they decode.
+        with self.batcher.arriving(count) as arrival:
             for i in range(count):
                 try:
                     good.append((i, self.engine.resolve(decode(i))))
@@ -267,15 +268,6 @@ class DataPlane:
         done = time.perf_counter()
         return Answers([a for a in answers if a is not None], (decoded - started) * 1e3,
                        (done - started) * 1e3)
-
-    def arriving(self, count: int = 1) -> AbstractContextManager[Arrival]:
-        """Announce `count` items to the batcher while the caller decodes them."""
-        return self.batcher.arriving(count)
-
-    def resolve(self, item: CheckItem) -> CheckItem:
-        """The engine's validation of one item (defaults filled in; InvalidInput names the
-        field)."""
-        return self.engine.resolve(item)
 
     def check(self, items: list[CheckItem], request_ids: list[str], *,
               timeout: float | None, arrival: Arrival | None, started: float,

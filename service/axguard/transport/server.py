@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from ..config import Settings
 from ..engine.core import Engine
 from ..errors import ConfigError
-from ..serving.dataplane import DataPlane, input_limits
+from ..serving.dataplane import DataPlane
 from ..serving.metrics import EngineCollector, LiveQualityCollector, Metrics
 from ..serving.threads import ThreadChoice
 from .interceptors import MetricsInterceptor
@@ -38,7 +38,7 @@ from .v1.servicer import SERVICE_NAME, ConfidenceServicer
 log = logging.getLogger(__name__)
 
 __all__ = ["SERVICE_NAME", "ConfidenceServicer", "HealthServicer", "ServerParts",
-           "build_server", "drain", "input_limits", "serve", "start_serving"]
+           "build_server", "drain", "serve", "start_serving"]
 
 
 class HealthServicer(health.HealthServicer):

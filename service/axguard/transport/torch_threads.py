@@ -22,6 +22,7 @@ import torch
 from ..config import Settings
 from ..engine.core import CheckItem, CheckResult, Engine
 from ..engine.model import ModelBundle
+from ..engine.preprocess import InputLimits
 from ..serving.threads import (
     ThreadChoice,
     candidate_threads,
@@ -30,7 +31,7 @@ from ..serving.threads import (
     usable_cores,
 )
 from .v1 import confidence_pb2 as pb
-from .v1.converters import InputLimits, request_to_item, result_to_response, tensor_to_proto
+from .v1.converters import request_to_item, result_to_response, tensor_to_proto
 
 log = logging.getLogger("axguard.server")
 

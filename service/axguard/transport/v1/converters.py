@@ -249,9 +249,9 @@ def item_error(request_id: str, error: AxguardError) -> pb.CheckResponse:
 
 def answer_to_response(answer: Answer, answers: Answers) -> pb.CheckResponse:
     """Return the CheckResponse of one answered item (an ItemError when it failed)."""
-    if answer.error is not None or answer.result is None:
-        assert answer.error is not None
+    if answer.error is not None:
         return item_error(answer.request_id, answer.error)
+    assert answer.result is not None
     response = result_to_response(answer.result, answer.request_id,
                                   decode_ms=answers.decode_ms, total_ms=answers.total_ms)
     response.receipt = answer.receipt
