@@ -272,11 +272,8 @@ def test_drain_finishes_while_health_watching_clients_leave(demo_engine):
                 for c in channels]
     for w in watchers:
         w.start()
-    while server.parts.health.Check(health_pb2.HealthCheckRequest(), None).status != (
-            health_pb2.HealthCheckResponse.SERVING):
-        pass
     deadline = time.monotonic() + 30
-    while len(server.parts.health._send_response_callbacks.get("", [])) < 8:
+    while server.parts.health.watcher_count("") < 8:
         assert time.monotonic() < deadline, "the watches did not start"
     drained = threading.Thread(target=drain, args=(server.parts, 2.0), daemon=True)
     drained.start()
@@ -287,6 +284,34 @@ def test_drain_finishes_while_health_watching_clients_leave(demo_engine):
             assert saw_not_serving.acquire(timeout=30), "a watcher never read NOT_SERVING"
     finally:
         server.plane.close()
+
+
+def test_health_answers_clients_arriving_while_others_leave(demo_server):
+    """Each health-checking client opens a Watch on its connection and closes it when it
+    leaves. With grpcio-health-checking's own servicer a Watch arriving while another
+    stream closed deadlocked the health service for good (its first answer is sent under
+    the lock the closing stream's callback waits for): every later client hung."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def arrive_and_leave(_: int) -> str:
+        channel = grpc.insecure_channel(demo_server.target)
+        stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(),
+                                                           timeout=10)
+        try:
+            return health_pb2.HealthCheckResponse.ServingStatus.Name(next(stream).status)
+        except grpc.RpcError as err:
+            return err.code().name
+        finally:
+            channel.close()
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        answers = list(pool.map(arrive_and_leave, range(120)))
+    assert set(answers) == {"SERVING"}, sorted(set(answers))
+    # Every leaving stream's close callback ran and forgot it (they run asynchronously).
+    deadline = time.monotonic() + 30
+    while demo_server.parts.health.watcher_count("") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert demo_server.parts.health.watcher_count("") == 0
 
 
 def requests_counted(server: RunningServer, method: str, code: str) -> float:

@@ -18,7 +18,7 @@ from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
@@ -41,40 +41,88 @@ __all__ = ["SERVICE_NAME", "ConfidenceServicer", "HealthServicer", "ServerParts"
            "build_server", "drain", "serve", "start_serving"]
 
 
-class HealthServicer(health.HealthServicer):
-    """grpc.health.v1 with status changes sent to watchers outside the servicer's lock.
+class HealthServicer(health_pb2_grpc.HealthServicer):
+    """grpc.health.v1 (Check and a non-blocking Watch) whose stream close callbacks never
+    wait for a lock that is held while sending.
 
-    grpcio-health-checking 1.85 sends each Watch update while holding its lock, and a send
-    waits for gRPC's completion thread; that thread, when a watching client has just gone
-    away, runs the stream's close callback, which waits for the same lock. Balancing
-    clients leave as soon as they read NOT_SERVING, so with two or more watchers
-    `enter_graceful_shutdown` deadlocked every drain (the pod would hang until SIGKILL;
-    tests/transport/test_server.py reproduces it). The state changes under the lock as
-    before; only the sends move out of it.
+    grpcio-health-checking 1.85's servicer sends every Watch response (the first one and
+    each status change) under its one lock, and a send waits for gRPC's completion thread;
+    that thread runs the close callback of a stream whose client just left, which takes the
+    same lock. A client arriving while another leaves, or two watchers leaving on
+    NOT_SERVING during a drain, deadlocked the health service for good: new health-checking
+    clients never became ready and SIGTERM hung until SIGKILL
+    (tests/transport/test_server.py reproduces both). Here `_status_lock` orders status
+    changes and their sends (a watcher never ends on a stale status), and the close
+    callback takes only `_watchers_lock`, which no send is made under. A stream that ended
+    before its close callback was registered is forgotten at once (the stock servicer kept
+    sending to it forever).
     """
 
+    def __init__(self) -> None:
+        self._status_lock = threading.RLock()
+        self._watchers_lock = threading.Lock()
+        self._status = {"": health_pb2.HealthCheckResponse.SERVING}
+        self._watchers: dict[str, set[Callable]] = {}
+        self._shutting_down = False
+
+    def Check(self, request: health_pb2.HealthCheckRequest,  # noqa: N802
+              context: grpc.ServicerContext) -> health_pb2.HealthCheckResponse:
+        with self._status_lock:
+            status = self._status.get(request.service)
+        if status is None:
+            context.set_code(grpc.StatusCode.NOT_FOUND)
+            return health_pb2.HealthCheckResponse()
+        return health_pb2.HealthCheckResponse(status=status)
+
+    def Watch(self, request: health_pb2.HealthCheckRequest,  # noqa: N802
+              context: grpc.ServicerContext,
+              send_response_callback: Callable | None = None) -> None:
+        assert send_response_callback is not None, "Watch runs non-blocking"
+        service = request.service
+        with self._status_lock:
+            status = self._status.get(service,
+                                      health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+            send_response_callback(health_pb2.HealthCheckResponse(status=status))
+            with self._watchers_lock:
+                self._watchers.setdefault(service, set()).add(send_response_callback)
+
+        def closed() -> None:  # on gRPC's completion thread: never the status lock
+            with self._watchers_lock:
+                self._watchers.get(service, set()).discard(send_response_callback)
+
+        if not context.add_callback(closed):
+            closed()  # the client left before the callback was set: gRPC will not call it
+
+    Watch.experimental_non_blocking = True  # type: ignore[attr-defined]
+    Watch.experimental_thread_pool = None  # type: ignore[attr-defined]
+
+    def watcher_count(self, service: str = "") -> int:
+        """How many Watch streams are open for `service`."""
+        with self._watchers_lock:
+            return len(self._watchers.get(service, ()))
+
     def set(self, service: str, status: int) -> None:
-        with self._lock:
-            if self._gracefully_shutting_down:
+        """Set a service's status and send it to its watchers (ignored once shutting down)."""
+        with self._status_lock:
+            if self._shutting_down:
                 return
-            self._server_status[service] = status
-            callbacks = list(self._send_response_callbacks.get(service, ()))
-        response = health_pb2.HealthCheckResponse(status=status)
-        for send in callbacks:
-            send(response)
+            self._set(service, status)
 
     def enter_graceful_shutdown(self) -> None:
-        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-        with self._lock:
-            if self._gracefully_shutting_down:
+        """Set every service NOT_SERVING for good (later `set` calls are ignored)."""
+        with self._status_lock:
+            if self._shutting_down:
                 return
-            callbacks = []
-            for service in self._server_status:
-                self._server_status[service] = not_serving
-                callbacks += self._send_response_callbacks.get(service, ())
-            self._gracefully_shutting_down = True
-        response = health_pb2.HealthCheckResponse(status=not_serving)
-        for send in callbacks:
+            for service in list(self._status):
+                self._set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+            self._shutting_down = True
+
+    def _set(self, service: str, status: int) -> None:
+        self._status[service] = status
+        with self._watchers_lock:
+            watchers = list(self._watchers.get(service, ()))
+        response = health_pb2.HealthCheckResponse(status=status)
+        for send in watchers:
             send(response)
 
 
