@@ -100,7 +100,7 @@ def main() -> int:
             subprocess.run([py_spy, "record", "--pid", str(proc.pid), "--duration",
                             str(SECONDS), "--gil", "--format", "raw", "--output", str(out),
                             "--nonblocking"], check=True, capture_output=True)
-            raw = out.read_text()
+            raw = out.read_text(errors="replace")  # py-spy can emit a stray byte in a frame name
         stop.set()
         loader.join(timeout=120)
     finally:

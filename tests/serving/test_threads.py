@@ -4,9 +4,16 @@ warm-up measurement through GetModelInfo and /metrics."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from axguard.config import load_settings
-from axguard.serving.threads import candidate_threads, choose_threads, cycle_seconds
+from axguard.engine.model import MEMORY_FORMATS, set_memory_format
+from axguard.serving.threads import (
+    candidate_threads,
+    choose_memory_format,
+    choose_threads,
+    cycle_seconds,
+)
 from axguard.transport.server import build_server, start_serving
 from axguard_client import AxguardClient
 
@@ -41,9 +48,40 @@ def _serve(engine, **model):
     return parts, parts.port
 
 
+def test_channels_last_must_win_by_five_percent():
+    assert choose_memory_format({"contiguous": 0.0100, "channels_last": 0.0094}) == "channels_last"
+    assert choose_memory_format({"contiguous": 0.0100, "channels_last": 0.0096}) == "contiguous"
+    assert choose_memory_format({"contiguous": 0.0100, "channels_last": 0.0200}) == "contiguous"
+
+
+def test_channels_last_weights_give_the_same_check(demo_bundle, demo_calibration):
+    from axguard.engine.core import CheckItem, Engine
+
+    images = torch.rand(4, *demo_bundle.spec.shape, generator=torch.Generator().manual_seed(3))
+    engine = Engine(demo_bundle, calibration=demo_calibration)
+    try:
+        before = engine.check([CheckItem(image) for image in images])
+        set_memory_format(demo_bundle, "channels_last")
+        conv = next(p for p in demo_bundle.network.parameters() if p.dim() == 4)
+        assert conv.is_contiguous(memory_format=torch.channels_last)
+        assert not conv.is_contiguous()
+        after = engine.check([CheckItem(image) for image in images])
+    finally:
+        set_memory_format(demo_bundle, "contiguous")
+    for a, b in zip(before, after, strict=True):
+        assert a.class_index == b.class_index
+        assert a.logits == pytest.approx(b.logits, rel=1e-4, abs=1e-5)
+        assert [s.score for s in a.scores] == pytest.approx([s.score for s in b.scores],
+                                                            rel=1e-3, abs=1e-3)
+        assert a.verdict.risk == pytest.approx(b.verdict.risk, rel=1e-4, abs=1e-6)
+    with pytest.raises(ValueError, match="unknown memory format"):
+        set_memory_format(demo_bundle, "nhwc")
+
+
 @pytest.mark.parametrize("configured", [None, 2])
 def test_the_server_reports_the_threads_it_chose_and_why(demo_engine, configured):
-    server, port = _serve(demo_engine, torch_threads=configured)
+    layout = {"memory_format": "contiguous"} if configured else {}
+    server, port = _serve(demo_engine, torch_threads=configured, **layout)
     try:
         with AxguardClient(f"127.0.0.1:{port}") as client:
             info = client.model_info()
@@ -55,12 +93,20 @@ def test_the_server_reports_the_threads_it_chose_and_why(demo_engine, configured
             assert info.torch_threads >= 1
             assert info.torch_threads_choice.startswith(f"{info.torch_threads} (measured: ")
             assert "transport" in info.torch_threads_choice
+            # The layout was timed both ways; the weights are laid out as it says.
+            assert "channels_last: " in info.torch_threads_choice
+            assert "contiguous: " in info.torch_threads_choice
+            chosen = demo_engine.bundle.memory_format
+            assert f"layout {chosen} (measured" in info.torch_threads_choice
+            conv = next(p for p in demo_engine.bundle.network.parameters() if p.dim() == 4)
+            assert conv.is_contiguous(memory_format=MEMORY_FORMATS[chosen])
             source = "measured"
         assert registry.get_sample_value("axguard_torch_threads", {
             "model": "digits-cnn", "source": source}) == info.torch_threads
     finally:
         server.server.stop(None)
         server.plane.close()
+        set_memory_format(demo_engine.bundle, "contiguous")  # the bundle is shared by tests
 
 
 def test_the_container_cpu_limit_caps_the_usable_cores(tmp_path):

@@ -394,11 +394,9 @@ class Engine:
         failures = _Failures()
         start = time.perf_counter()
         fwd = self._forward(x, batch)
-        failures.mark(range(len(requested)), finite_rows(fwd.logits), "logits")
         after_forward = time.perf_counter()
         own, second, plain = self._backward(x, batch, fwd)
-        for heatmaps in own.values():
-            failures.mark(heatmaps.rows, finite_rows(heatmaps.normalised), "heatmap")
+        self._check_logits_and_heatmaps(fwd, own, failures)
         fwd.leaf = fwd.graph_logits = None  # free the graph before the extra forwards
         after_attribution = time.perf_counter()
         extra = self._extra_forward(x, batch, own, second, plain)
@@ -456,47 +454,65 @@ class Engine:
                 failures: _Failures
                 ) -> tuple[list[list[MethodScore]], dict[tuple[str, str], np.ndarray]]:
         """Each item's CO scores in the order it asked for them, and the verdict's CO
-        features of the judged rows; rows with a non-finite score go to `failures`."""
+        features of the judged rows; rows with a non-finite score go to `failures`.
+
+        Every pair's scores are computed as tensors, joined, and copied to the host once
+        (one copy each for the label-free scores, the zero masks and the labelled scores);
+        κ is built once per batch."""
         num_classes = self.bundle.num_classes
-        scores: list[list[MethodScore]] = [[] for _ in requested]
         labels = [item.label for item in requested]
+        free_kappa = scoring.kappa(fwd.predicted, num_classes)
+        labelled_kappa = None
+        if any(label is not None for label in labels):
+            targets = torch.tensor([0 if label is None else label for label in labels],
+                                   device=fwd.logits.device)
+            labelled_kappa = scoring.kappa(targets, num_classes)
+        free_parts, labelled_parts, zero_parts = [], [], []
+        where: dict[tuple[str, str], tuple[int, dict[int, int] | None]] = {}
+        """(method, process) → (offset of its rows in the joined scores, row → position,
+        None when the pair covers every row in order)."""
+        offset, count = 0, len(requested)
+        for pair, rows in batch.pair_rows.items():
+            _, zero = own[pair[0]].of(rows)
+            chunk, base = extra[("ax", *pair)], _take(fwd.logits, rows)
+            free_parts.append(scoring.co_score(chunk, base, _take(free_kappa, rows)))
+            if labelled_kappa is not None:
+                labelled_parts.append(scoring.co_score(chunk, base, _take(labelled_kappa, rows)))
+            zero_parts.append(zero)
+            every = len(rows) == count and rows == list(range(count))
+            where[pair] = (offset, None if every else {i: k for k, i in enumerate(rows)})
+            offset += len(rows)
+        if not free_parts:
+            return [[] for _ in requested], {}
+        zero = torch.cat(zero_parts)
+        # An all-zero heatmap scores 0 by definition (DESIGN 1.3), even for PRODUCT.
+        free = torch.cat(free_parts).masked_fill(zero, 0.0).cpu().numpy()
+        zero_host = zero.cpu().numpy()
+        labelled = (torch.cat(labelled_parts).masked_fill(zero, 0.0).cpu().numpy()
+                    if labelled_parts else None)
+        finite = np.isfinite(free)
+        if labelled is not None:
+            finite &= np.isfinite(labelled)
+        all_rows = [i for rows in batch.pair_rows.values() for i in rows]
+        failures.mark(all_rows, finite, "co_score")
         co: dict[tuple[str, str], np.ndarray] = {}
-        for (method, process), rows in batch.pair_rows.items():
-            _, zero = own[method].of(rows)
-            chunk, base = extra[("ax", method, process)], _take(fwd.logits, rows)
-            free = scoring.co_score(chunk, base, scoring.kappa(_take(fwd.predicted, rows),
-                                                               num_classes))
-            # An all-zero heatmap scores 0 by definition (DESIGN 1.3), even for PRODUCT.
-            free = torch.where(zero, torch.zeros_like(free), free)
-            labelled: torch.Tensor | None = None
-            if any(labels[i] is not None for i in rows):
-                targets = torch.tensor([labels[i] if labels[i] is not None else 0
-                                        for i in rows], device=chunk.device)
-                labelled = scoring.co_score(chunk, base, scoring.kappa(targets, num_classes))
-                labelled = torch.where(zero, torch.zeros_like(labelled), labelled)
-            # One device-to-host copy per tensor, not one per row.
-            free_cpu = free.cpu()
-            free_rows, zero_rows = free_cpu.tolist(), zero.cpu().tolist()
-            labelled_cpu = labelled.cpu() if labelled is not None else None
-            labelled_rows = labelled_cpu.tolist() if labelled_cpu is not None else None
-            finite = np.isfinite(free_cpu.numpy())
-            if labelled_cpu is not None:
-                finite &= np.isfinite(labelled_cpu.numpy())
-            failures.mark(rows, finite, "co_score")
-            if (method, process) in batch.plan.co_pairs:
-                co[(method, process)] = free_cpu.numpy()[[rows.index(i) for i in batch.judged]]
-            for k, i in enumerate(rows):
-                scores[i].append(MethodScore(
-                    method=method, ax_process=process, score=free_rows[k],
-                    labelled_score=(labelled_rows[k] if labelled_rows is not None
-                                    and labels[i] is not None else None),
-                    zero_heatmap=zero_rows[k]))
-        # Each item lists the scores it asked for, in the order it asked for them.
+        for pair in batch.plan.co_pairs:
+            start, position = where[pair]
+            co[pair] = free[[start + (i if position is None else position[i])
+                             for i in batch.judged]]
+        free_rows, zero_rows = free.tolist(), zero_host.tolist()
+        labelled_rows = labelled.tolist() if labelled is not None else None
+        scores: list[list[MethodScore]] = []
         for i, item in enumerate(requested):
-            if scores[i]:
-                order = {pair: k for k, pair in enumerate(item.asked_pairs())}
-                scores[i] = sorted((s for s in scores[i] if (s.method, s.ax_process) in order),
-                                   key=lambda s, o=order: o[(s.method, s.ax_process)])
+            mine = []
+            for method, process in item.asked_pairs():
+                start, position = where[(method, process)]
+                k = start + (i if position is None else position[i])
+                mine.append(MethodScore(
+                    method, process, free_rows[k],
+                    labelled_rows[k] if labelled_rows is not None and labels[i] is not None
+                    else None, zero_rows[k]))
+            scores.append(mine)
         return scores, co
 
     @staticmethod
@@ -531,6 +547,14 @@ class Engine:
         probabilities = torch.softmax(fwd.logits, dim=1)
         logits_rows, probs_rows = fwd.logits.cpu().tolist(), probabilities.cpu().tolist()
         classes = fwd.predicted.cpu().tolist()
+        copied: dict[str, torch.Tensor] = {}
+
+        def host_heatmaps(method: str) -> torch.Tensor:
+            """The method's heatmaps on the host in NCHW order: one copy per batch."""
+            if method not in copied:
+                copied[method] = own[method].normalised.cpu().contiguous()
+            return copied[method]
+
         results = []
         for stage in failures.stage.values():
             self.nonfinite_outputs[stage] = self.nonfinite_outputs.get(stage, 0) + 1
@@ -547,8 +571,8 @@ class Engine:
             cls = classes[i]
             maps = {}
             if item.return_heatmaps:
-                for name in item.methods:
-                    maps[name] = own[name].of([i])[0][0].cpu()  # finite: checked above
+                for name in item.methods:  # finite: checked above
+                    maps[name] = host_heatmaps(name)[own[name].rows.index(i)]
             results.append(CheckResult(
                 class_index=cls,
                 class_name=self.bundle.class_names[cls],
@@ -622,7 +646,6 @@ class Engine:
             raw = heatmaps(method, rows, fwd.predicted, "own")
             normalised, zero = scoring.normalise_heatmaps(raw.float())
             own[method] = _Heatmaps(rows, normalised, zero)
-            self._count_zero(method, zero)
         second = {method: scoring.normalise_heatmaps(
             heatmaps(method, batch.judged, fwd.runner_up, "second").float())[0]
             for method in batch.plan.counterfactual}
@@ -634,11 +657,25 @@ class Engine:
             plain["nll"] = grads[("plain", "nll")]
         return own, second, plain
 
-    def _count_zero(self, method: str, zero: torch.Tensor) -> None:
-        if zero.any():
-            count_zero = int(zero.sum())
-            self.zero_heatmaps[method] = self.zero_heatmaps.get(method, 0) + count_zero
-            log.warning("zero_heatmap", extra={"method": method, "count": count_zero})
+    def _check_logits_and_heatmaps(self, fwd: _Forward, own: dict[str, _Heatmaps],
+                                   failures: _Failures) -> None:
+        """Mark rows whose logits or a heatmap are not finite and count all-zero heatmaps,
+        with one host copy for all of them."""
+        count = len(fwd.logits)
+        parts = [finite_rows(fwd.logits)]
+        for heatmaps in own.values():
+            parts += [finite_rows(heatmaps.normalised), heatmaps.zero]
+        host = torch.cat(parts).cpu().numpy()
+        failures.mark(range(count), host[:count], "logits")
+        start = count
+        for method, heatmaps in own.items():
+            size = len(heatmaps.rows)
+            failures.mark(heatmaps.rows, host[start:start + size], "heatmap")
+            zero = int(host[start + size:start + 2 * size].sum())
+            start += 2 * size
+            if zero:
+                self.zero_heatmaps[method] = self.zero_heatmaps.get(method, 0) + zero
+                log.warning("zero_heatmap", extra={"method": method, "count": zero})
 
     def _forward_chunks(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Return the float logits of each input batch, run as few batched forwards."""

@@ -1,6 +1,6 @@
 """Model bundles: the network wrapped with its normalisation, input spec and class names.
 
-The served network is `Normalize(mean, std)` followed by the user's network, so every
+The served network is `Standardize(mean, std)` followed by the user's network, so every
 tensor the engine sees is pixel space, float32 in [0, 1] (DESIGN 1.1).
 """
 
@@ -15,13 +15,13 @@ import io
 import logging
 import warnings
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
-from torchvision.transforms import Normalize
 
 from ..errors import ConfigError, ModelLoadError
 from .activations import TraceReport, make_activations_unique, reused_activations
@@ -75,6 +75,9 @@ class ModelBundle:
     """A torch.export ExportedProgram (.pt2): like TorchScript, no modules to hook."""
     trace: TraceReport = field(default_factory=TraceReport)
     """How the activations were made unique (or why fx could not trace the network)."""
+    memory_format: str = "contiguous"
+    """Layout of the network's 4-D weights: "contiguous" (NCHW) or "channels_last" (NHWC;
+    torch's CPU and cuDNN kernels are often faster with it). Set by set_memory_format."""
 
     @property
     def num_classes(self) -> int:
@@ -92,6 +95,26 @@ class ModelBundle:
         """"module", "torchscript" or "exported_program"."""
         return "torchscript" if self.torchscript else (
             "exported_program" if self.exported else "module")
+
+
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def has_image_weights(bundle: ModelBundle) -> bool:
+    """True when the network has 4-D weights (convolutions), whose layout channels_last
+    changes; TorchScript and exported programs are left as loaded."""
+    return bundle.hookable and any(p.dim() == 4 for p in bundle.network.parameters())
+
+
+def set_memory_format(bundle: ModelBundle, name: str) -> None:
+    """Lay the network's 4-D weights out as `name` (MEMORY_FORMATS), in place. Inputs stay
+    NCHW: a convolution with channels_last weights runs its channels_last kernel and
+    gives the same numbers."""
+    if name not in MEMORY_FORMATS:
+        raise ValueError(f"unknown memory format {name!r}; known: {sorted(MEMORY_FORMATS)}")
+    with torch.no_grad():  # never inference_mode: its tensors could not be recorded later
+        bundle.network.to(memory_format=MEMORY_FORMATS[name])
+    bundle.memory_format = name
 
 
 def sha256_file(path: Path) -> str:
@@ -215,9 +238,29 @@ def shared_copy(network: nn.Module) -> nn.Module:
     return copied
 
 
+class Standardize(nn.Module):
+    """(x − mean) / std per channel, as torchvision's Normalize computes it, with mean and
+    std kept as (1, C, 1, 1) buffers: Normalize validates its arguments and builds both
+    tensors on every call, a cost paid on each of a check's several forwards. The buffers
+    are not persistent, so the state dict is the user's network's alone."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(list(mean)).view(1, -1, 1, 1),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(list(std)).view(1, -1, 1, 1),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def extra_repr(self) -> str:
+        return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+
+
 def wrap_network(network: nn.Module, spec: InputSpec) -> nn.Module:
-    """Return Normalize(mean, std) → network, in eval mode, with frozen parameters."""
-    wrapped = nn.Sequential(Normalize(list(spec.mean), list(spec.std)), network)
+    """Return Standardize(mean, std) → network, in eval mode, with frozen parameters."""
+    wrapped = nn.Sequential(Standardize(spec.mean, spec.std), network)
     wrapped.eval()
     for param in wrapped.parameters():
         param.requires_grad_(False)

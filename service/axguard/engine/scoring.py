@@ -69,5 +69,6 @@ def require_process(name: str, field: str = "ax_processes") -> str:
 def co_score(
     logits_ax: torch.Tensor, logits_x: torch.Tensor, score_constants: torch.Tensor
 ) -> torch.Tensor:
-    """Return the CO score κ · [f(ax(x, h)) − f(x)], (N,) float32, on raw logits (eq. 5)."""
-    return ((logits_ax - logits_x) * score_constants).sum(dim=1)
+    """Return the CO score κ · [f(ax(x, h)) − f(x)], (N,) float32, on raw logits (eq. 5);
+    leading axes broadcast ((P, N, C) logits give (P, N))."""
+    return ((logits_ax - logits_x) * score_constants).sum(dim=-1)

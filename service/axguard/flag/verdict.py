@@ -66,8 +66,7 @@ def neg_log_one_minus_msp(logits: np.ndarray) -> np.ndarray:
     """
     z = np.asarray(logits, dtype=float)
     top = z.argmax(axis=-1)
-    others = z.copy()
-    np.put_along_axis(others, top[..., None], -np.inf, axis=-1)
+    others = np.where(np.arange(z.shape[-1]) == top[..., None], -np.inf, z)
     return _logsumexp(z) - _logsumexp(others)
 
 

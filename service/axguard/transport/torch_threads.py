@@ -1,5 +1,6 @@
-"""Start-up tuning of the serving process: torch's intra-op threads, set before the model
-loads, then chosen by measurement after the warm-up (serving/threads.py holds the rule).
+"""Start-up tuning of the serving process: the network's weight layout (NCHW or
+channels_last) and torch's intra-op threads, set before the model loads, then chosen by
+measurement after the warm-up (serving/threads.py holds the rules).
 
 The transport's CPU time per request comes from a real loopback round trip: a throwaway
 gRPC server on a loopback port answers a representative CheckRequest (a tensor image at the
@@ -14,6 +15,7 @@ import logging
 import statistics
 import time
 from concurrent import futures
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -21,13 +23,15 @@ import torch
 
 from ..config import Settings
 from ..engine.core import CheckItem, CheckResult, Engine
-from ..engine.model import ModelBundle
+from ..engine.model import MEMORY_FORMATS, ModelBundle, has_image_weights, set_memory_format
 from ..engine.preprocess import InputLimits
 from ..serving.threads import (
     ThreadChoice,
     candidate_threads,
+    choose_memory_format,
     choose_threads,
     measure_threads,
+    time_batch,
     usable_cores,
 )
 from .v1 import confidence_pb2 as pb
@@ -43,27 +47,71 @@ def configure_torch(settings: Settings) -> None:
     torch.set_num_threads(settings.model.torch_threads or max(1, usable_cores() - 1))
 
 
+def choose_memory_format_at_start(settings: Settings, engine: Engine,
+                                  items: list[CheckItem]) -> dict[str, float] | None:
+    """Lay the network's weights out as `model.memory_format`; "auto" times `items` as one
+    check in each layout and keeps the faster (threads.choose_memory_format), after
+    checking that channels_last gives the same logits (a custom kernel might not). Returns
+    the timings when it measured."""
+    bundle = engine.bundle
+    wanted = settings.model.memory_format
+    if not has_image_weights(bundle):
+        return None
+    if wanted != "auto":
+        set_memory_format(bundle, wanted)
+        return None
+    probe = torch.stack([item.image for item in items]).to(bundle.device)
+    with torch.inference_mode():
+        before = bundle.network(probe).float()
+    timings = {}
+    for name in MEMORY_FORMATS:
+        set_memory_format(bundle, name)
+        timings[name] = time_batch(lambda: engine.check(items))
+    with torch.inference_mode():
+        after = bundle.network(probe).float()  # channels_last, the last one timed
+    scale = float(before.abs().max()) or 1.0
+    same = bool(torch.allclose(before, after, rtol=1e-3, atol=1e-4 * scale))
+    chosen = choose_memory_format(timings) if same else "contiguous"
+    if not same:
+        log.warning("memory_format_differs", extra={"max_difference": float(
+            (before - after).abs().max())})
+    set_memory_format(bundle, chosen)
+    return timings
+
+
 def choose_torch_threads(settings: Settings, engine: Engine, warm: Any) -> ThreadChoice:
-    """Set torch's intra-op threads: `model.torch_threads` when configured, else the count
-    with the shortest measured batch cycle (threads.choose_threads), timing a batch of
+    """Set the network's weight layout (choose_memory_format_at_start) and torch's
+    intra-op threads: `model.torch_threads` when configured, else the count with the
+    shortest measured batch cycle (threads.choose_threads), timing a batch of
     min(max_batch_size, max_workers) images (the largest batch single Checks can form) and
-    a loopback round trip of the transport. GPU models keep cores − 1."""
+    a loopback round trip of the transport. GPU models keep cores − 1 (their batch and
+    the transport are timed all the same)."""
     cores = usable_cores()
+    batch = min(settings.batching.max_batch_size, settings.server.max_workers)
+    images = torch.rand(batch, *engine.bundle.spec.shape,
+                        generator=torch.Generator().manual_seed(0))
+    items = [CheckItem(image) for image in images]
+    layout = choose_memory_format_at_start(settings, engine, items)
     if settings.model.torch_threads:
         choice = ThreadChoice(settings.model.torch_threads, "configured")
     elif engine.bundle.device.type != "cpu":
-        choice = ThreadChoice(max(1, cores - 1), "device")
+        # The thread count hardly matters to a GPU engine; its batch and the transport are
+        # still timed for the engine processes' rule (transport/engines.py).
+        threads = max(1, cores - 1)
+        torch.set_num_threads(threads)
+        timings = {threads: time_batch(lambda: engine.check(items))}
+        transport = transport_seconds_per_request(engine.bundle, images[0], warm)
+        choice = ThreadChoice(threads, "device", batch, timings, transport)
     else:
-        batch = min(settings.batching.max_batch_size, settings.server.max_workers)
-        images = torch.rand(batch, *engine.bundle.spec.shape,
-                            generator=torch.Generator().manual_seed(0))
-        items = [CheckItem(image) for image in images]
         timings = measure_threads(lambda: engine.check(items), candidate_threads(cores))
         transport = transport_seconds_per_request(engine.bundle, images[0], warm)
         choice = ThreadChoice(choose_threads(timings, transport, batch, cores), "measured",
                               batch, timings, transport)
+    choice = replace(choice, memory_format=engine.bundle.memory_format,
+                     memory_format_seconds=layout)
     torch.set_num_threads(choice.threads)
     log.info("torch_threads", extra={"threads": choice.threads, "source": choice.source,
+                                     "memory_format": choice.memory_format,
                                      "choice": choice.describe()})
     return choice
 
