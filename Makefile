@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 
-.PHONY: serve test test-registry lint proto docs train-demo venv tools system-deps calibrate-demo bench bench-flag bench-gax bench-memory bench-feedback bench-drift bench-transport bench-client bench-modern bench-triton bench-profile paper-demo fuzz soak image clean
+.PHONY: serve test test-registry lint proto docs train-demo venv tools system-deps calibrate-demo bench bench-flag bench-gax bench-memory bench-feedback bench-drift bench-transport bench-client bench-modern bench-triton bench-profile bench-processes paper-demo fuzz soak image clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -95,6 +95,11 @@ bench: $(STAMP)
 # Peak RSS with the largest accepted inputs sent concurrently, written to bench/results/.
 bench-memory: $(STAMP)
 	$(BIN)/python bench/memory.py
+
+# Memory of the serving process and each engine process (demo, ResNet-34), and its growth
+# over 10,000 Checks with the defaults (~5 min).
+bench-processes: $(STAMP)
+	$(BIN)/python bench/memory_processes.py
 
 # Receipt signing and verification, Feedback over gRPC, duplicate-filter memory (~1 min).
 bench-feedback: $(STAMP)

@@ -21,7 +21,7 @@ step() { echo "== $* ($(date +%T))" >>"$log"; "$@" >>"$log" 2>&1 || { echo "FAIL
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >>"$log" 2>&1
 step python3 bench/gpu_check.py "$out/gpu_check.json"
 step python3 bench/gpu_precision.py "$out/gpu_precision.json"
-BENCH_OUT=$out BENCH_PROCESSES=1 step python3 bench/throughput.py --device cuda
+BENCH_OUT=$out BENCH_CONFIGS=defaults step python3 bench/throughput.py --device cuda
 if [ -n "$before" ]; then
   PYTHONPATH="$PWD/$before:$PWD/clients/python:$PWD/bench$site" \
     step python3 bench/gpu_check.py "$out/gpu_check_before.json" --throughput-only

@@ -45,7 +45,7 @@ from common import naive_check, timed
 
 from axguard.demo.bundle import load_demo_bundle
 from axguard.engine.core import CheckItem, Engine
-from axguard.engine.model import InputSpec, load_bundle
+from axguard.engine.model import InputSpec, load_bundle, set_memory_format
 from axguard_client import AxguardClient
 from axguard_client.v1 import confidence_pb2 as pb
 from axguard_client.v1 import confidence_pb2_grpc as pb_grpc
@@ -102,6 +102,26 @@ def start_server(args: list[str], env: dict | None = None, calibration: str = "n
             threading.Thread(target=proc.stderr.read, daemon=True).start()
             return proc, json.loads(line)["address"]
     raise RuntimeError(f"server exited with {proc.wait()}")
+
+
+DEMO_CONFIGS = {
+    "defaults": [],
+    "engine in the serving process": ["--engine-processes", "0"],
+    "2 servers on the port": ["--processes", "2"],
+}
+"""The demo's server configurations: the first is the targets' (the defaults)."""
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Resident MiB of a process and its children (engine processes, workers)."""
+    total = rss_mb(pid)
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    for child in children:
+        total += tree_rss_mb(int(child))
+    return total
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -342,6 +362,11 @@ def targets(folder: Path, quick: bool, device: str = "cpu") -> dict:
     plain_ips = 8 / timed(plain, 20 if gpu else 2, sync=sync)
     naive_ips = 4 / timed(lambda: [naive_check(bundle.network, x[i:i + 1]) for i in range(4)],
                           10 if gpu else 1, sync=sync)
+    # The same forward with channels_last weights (what the server may choose at start-up):
+    # a stricter floor, reported beside the target's (the model as it loads).
+    set_memory_format(bundle, "channels_last")
+    plain_channels_last_ips = 8 / timed(plain, 20 if gpu else 2, sync=sync)
+    set_memory_format(bundle, "contiguous")
     proc, address = start_server(["--model", "torchvision:resnet34", "--weights", str(weights),
                                   "--num-classes", "2", "--input-size", "224", *on_device])
     try:
@@ -354,8 +379,10 @@ def targets(folder: Path, quick: bool, device: str = "cpu") -> dict:
         proc.wait(timeout=120)
     out["resnet34"] = {**row, "threads": choice, "naive_per_image_ips": naive_ips,
                        "plain_batched_forward_ips": plain_ips,
+                       "plain_channels_last_ips": plain_channels_last_ips,
                        "service_vs_naive": row["throughput"] / naive_ips,
-                       "cost_vs_plain": plain_ips / row["throughput"]}
+                       "cost_vs_plain": plain_ips / row["throughput"],
+                       "cost_vs_plain_channels_last": plain_channels_last_ips / row["throughput"]}
     print(out["resnet34"], flush=True)
     # The demo model: engine batched check vs service, default settings.
     from axguard.demo.bundle import ASSETS
@@ -369,11 +396,11 @@ def targets(folder: Path, quick: bool, device: str = "cpu") -> dict:
         engine_ips[n] = n / timed(lambda items=items: engine.check(items), 10, sync=sync)
     best = max(engine_ips.values())
     out["demo"] = {"engine_check_ips": engine_ips, "runs": []}
-    # BENCH_PROCESSES=1 measures an older checkout that has no --processes.
-    for processes in [int(p) for p in os.environ.get("BENCH_PROCESSES", "1,2").split(",")]:
-        # `make serve`'s settings (the bundled calibration), then two processes.
-        args = ["--processes", str(processes)] if processes > 1 else []
-        proc, address = start_server([*args, *on_device], calibration="")
+    # BENCH_CONFIGS=defaults measures an older checkout (no --engine-processes).
+    wanted = os.environ.get("BENCH_CONFIGS", ",".join(DEMO_CONFIGS)).split(",")
+    for config in wanted:
+        # `make serve`'s settings (the bundled calibration), then the alternatives.
+        proc, address = start_server([*DEMO_CONFIGS[config], *on_device], calibration="")
         address = address.replace("0.0.0.0", "127.0.0.1")
         try:
             with AxguardClient(address) as client:
@@ -382,12 +409,13 @@ def targets(folder: Path, quick: bool, device: str = "cpu") -> dict:
                             1000 if quick else 3000, own_connections=True) for c in (8, 32)}
             batched = load_batches(address, image_request(demo.spec, False), 8,
                                    30 if quick else 90)
+            memory_mb = tree_rss_mb(proc.pid)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=120)
         out["demo"]["runs"].append({
-            "processes": processes, "threads": choice, "service": rows,
-            "check_batch_32": batched,
+            "config": config, "threads": choice, "service": rows,
+            "check_batch_32": batched, "rss_mb_all_processes": memory_mb,
             "single_vs_batch_32": rows[8]["throughput"] / batched["images_per_s"],
             "service_8_vs_engine": rows[8]["throughput"] / best,
             "service_8_vs_engine_batch_8": rows[8]["throughput"] / engine_ips[8],
@@ -453,23 +481,32 @@ def targets_markdown(t: dict, which: str = "one run") -> list[str]:
         f"| plain batched forward, batch 8 (images/s) | {r['plain_batched_forward_ips']:.2f} | |",
         f"| service ÷ naive | {r['service_vs_naive']:.2f}× | ≥ 1.5× |",
         f"| service cost ÷ plain forward | {r['cost_vs_plain']:.2f}× | ≤ 6× |",
+        *([f"| plain forward, channels_last weights (images/s) | "
+           f"{r['plain_channels_last_ips']:.2f} | |",
+           f"| service cost ÷ that forward | {r['cost_vs_plain_channels_last']:.2f}× | |"]
+          if "plain_channels_last_ips" in r else []),
         f"| p99 ÷ p50 (8 clients) | {r['p99_ms'] / r['p50_ms']:.2f} | ≤ 3 |",
         "", "Demo model (bundled calibration); each client thread its own connection", "",
         *[f"- engine batched check, batch {n}: {v:.0f} images/s"
           for n, v in d["engine_check_ips"].items()],
-        *[f"- CheckBatch-32, 8 clients, {run['processes']} process(es): "
+        *[f"- CheckBatch-32, 8 clients, {run_name(run)}: "
           f"{run['check_batch_32']['images_per_s']:.0f} images/s; single Checks ÷ it "
-          f"{run['single_vs_batch_32']:.2f} (≥ 0.70)" for run in d["runs"]],
-        "", "| processes | clients | req/s | p50 ms | p99 ms | p99 ÷ p50 (≤ 3) "
+          f"{run['single_vs_batch_32']:.2f} (≥ 0.70); resident memory of all its processes "
+          f"{run.get('rss_mb_all_processes', float('nan')):.0f} MiB" for run in d["runs"]],
+        "", "| server | clients | req/s | p50 ms | p99 ms | p99 ÷ p50 (≤ 3) "
         "| ÷ best engine batch (≥ 0.70) | ÷ engine batch 8 |", "|---|---|---|---|---|---|---|---|",
-        *[f"| {run['processes']} | {c} | {s['throughput']:.0f} | {s['p50_ms']:.1f} | "
+        *[f"| {run_name(run)} | {c} | {s['throughput']:.0f} | {s['p50_ms']:.1f} | "
           f"{s['p99_ms']:.1f} | {run['p99_over_p50'][c]:.2f} | "
           f"{s['throughput'] / max(d['engine_check_ips'].values()):.2f} | "
           f"{s['throughput'] / d['engine_check_ips'][8]:.2f} |"
           for run in d["runs"] for c, s in run["service"].items()],
-        "", *[f"- threads with {run['processes']} process(es): {run['threads']}"
-              for run in d["runs"]],
+        "", *[f"- threads, {run_name(run)}: {run['threads']}" for run in d["runs"]],
     ]
+
+
+def run_name(run: dict) -> str:
+    """A demo run's server configuration (older results name a process count)."""
+    return run.get("config") or f"{run['processes']} process(es)"
 
 
 def markdown(payload: dict) -> str:

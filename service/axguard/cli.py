@@ -122,6 +122,9 @@ def _serve_parser(subparsers: argparse._SubParsersAction) -> None:
     srv.add_argument("--max-workers", dest="server.max_workers", type=int)
     srv.add_argument("--processes", dest="server.processes", type=int,
                      help="server processes sharing the port (default 1)")
+    srv.add_argument("--engine-processes", dest="server.engine_processes", type=int,
+                     help="engine processes beside the serving process (0: the engine runs "
+                          "in it; default: chosen at start-up)")
     srv.add_argument("--grace-seconds", dest="server.grace_seconds", type=float,
                      help="on SIGTERM, seconds in-flight requests may finish (default 10)")
     srv.add_argument("--metrics-host", dest="metrics.host")

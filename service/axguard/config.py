@@ -150,7 +150,14 @@ class ServerSettings(BaseModel):
     processes: int = Field(default=1, ge=1, le=64)
     """Server processes sharing the port (SO_REUSEPORT), each with its own engine, batcher
     and share of the cores; the kernel spreads connections, not requests, over them. For
-    CPU pods with many cores and many clients; more replicas are usually simpler."""
+    CPU pods with many cores and many clients; more replicas are usually simpler. Set above
+    1, it overrides the engine processes' rule: each of these servers has one engine."""
+    engine_processes: int | None = Field(default=None, ge=0, le=64)
+    """Engine processes beside the serving process, all taking batches from its one queue,
+    while it keeps the transport; 0 runs the engine in the serving process. Unset: chosen
+    at start-up from the usable cores, the chosen torch threads, the measured cost of a
+    check and of the transport per request, and the free memory (docs/performance.md
+    states the rule)."""
     max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     """Largest request or response message, in bytes."""
     max_image_bytes: int = Field(default=16 * 1024 * 1024, ge=1)
@@ -294,6 +301,14 @@ class Settings(BaseSettings):
     """Log level."""
     log_json: bool | None = None
     """JSON log lines; default: when stderr is not a terminal."""
+
+
+def plain_settings(settings: Settings, **sections: BaseModel) -> Settings:
+    """A plain Settings (load_settings returns a local subclass, which does not pickle for
+    a child process) with some sections replaced, built without reading the environment
+    again."""
+    return Settings.model_construct(**{
+        **{name: getattr(settings, name) for name in Settings.model_fields}, **sections})
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -190,5 +191,57 @@ def test_the_batcher_waits_for_announced_items_and_not_for_absent_ones(engine):
         with batcher.arriving() as refused:
             pass  # a request refused while decoding: its announcement ends with the block
         assert refused is not None and batcher.submit(first).result(timeout=10)
+    finally:
+        batcher.close()
+
+
+def test_every_runner_takes_batches_from_the_one_queue(demo_bundle):
+    """Two engines, one queue: while one engine is held, the other answers everything."""
+    first, second = Engine(demo_bundle), Engine(demo_bundle)
+    batcher = DynamicBatcher(first, max_batch_size=4, max_delay=0)
+    batcher.add_runner(second.check)
+    try:
+        assert batcher.runners == 2
+        work = [first.resolve(i) for i in items(12, seed=5)]
+        with first._lock:  # the first engine is busy: its runner blocks on its batch
+            futures = [batcher.submit(i) for i in work]
+            # The held batch has at most 4 items: the second engine answers the rest.
+            deadline = time.monotonic() + 60
+            while sum(f.done() for f in futures) < 8 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert sum(f.done() for f in futures) >= 8
+        done = [f.result(timeout=60) for f in futures]
+        by_runner = batcher.stats.batches_by_runner
+        assert set(by_runner) == {"axguard-batcher-0", "axguard-batcher-1"}
+        assert by_runner["axguard-batcher-1"] >= 2  # the free one took the rest
+        assert sum(by_runner.values()) == batcher.stats.batches
+        for item, result in zip(work, done, strict=True):
+            assert result.class_index == first.check([item])[0].class_index
+    finally:
+        batcher.close()
+
+
+def test_a_lost_runners_batch_is_answered_by_the_others(demo_bundle):
+    from axguard.serving.batching import RunnerLost
+
+    engine = Engine(demo_bundle)
+    calls = []
+
+    def gone(batch):
+        calls.append(len(batch))
+        raise RunnerLost("engine process 1 ended")
+
+    batcher = DynamicBatcher(engine, max_batch_size=8, max_delay=0)
+    batcher.add_runner(gone)
+    batcher.retire_first_runner()  # as with engine processes: only `gone` serves
+    try:
+        work = [engine.resolve(i) for i in items(6, seed=6)]
+        results = batcher.check(work, timeout=60)
+        # `gone` took a batch and lost it; with no runner left, the engine came back.
+        assert calls and batcher.stats.lost_runners == 1
+        assert batcher.runners == 1
+        assert [r.class_index for r in results] == [
+            r.class_index for r in engine.check(work)]
+        assert batcher.check(work[:2], timeout=60)[0].class_index == results[0].class_index
     finally:
         batcher.close()

@@ -6,6 +6,11 @@ It stops waiting early when no request is on its way: callers announce a request
 `arriving()` before they decode it, and while none is being decoded and the queue is empty,
 waiting could only add latency (8 clients in a closed loop otherwise lose `max_delay` on
 every batch). The queue is bounded: when it is full, `submit` raises Busy at once.
+
+Several runners can take batches from the one queue (`add_runner`): each is a thread with
+its own way to run a batch, e.g. an engine in another process (transport/engines.py). A
+batch goes to whichever runner is free, so the load reaches every engine however few
+client connections bring it.
 """
 
 from __future__ import annotations
@@ -14,10 +19,10 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..engine.core import CheckItem, CheckResult, Engine
 from ..errors import Busy, DeadlineExceeded
@@ -36,6 +41,13 @@ class _Job:
     item: CheckItem
     future: Future
     enqueued: float
+    running: bool = False
+    """Its future is marked running (a batch took it; a lost runner's batch is retaken)."""
+
+
+class RunnerLost(Exception):
+    """Raised by a runner that can run no more batches (its engine process ended): its
+    batch goes back to the queue for the other runners, and its thread stops."""
 
 
 class Arrival:
@@ -61,8 +73,16 @@ class BatchStats:
     largest_batch: int = 0
     rejected: int = 0
     failed_batches: int = 0
+    lost_runners: int = 0
+    """Runners that stopped (an engine process ended); their batches were queued again."""
+    batches_by_runner: dict[str, int] = field(default_factory=dict)
+    """Batches each runner thread ran, by thread name (axguard-batcher-N)."""
     seconds_per_item: float = 0.0
     """Moving average of engine seconds per item (what a full queue will take to clear)."""
+
+
+Runner = Callable[[list[CheckItem]], list[CheckResult]]
+"""Runs one batch of resolved items: Engine.check, or a call into an engine process."""
 
 
 class DynamicBatcher:
@@ -80,11 +100,35 @@ class DynamicBatcher:
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
         self.stats = BatchStats()
         self.in_flight = 0
-        """Items taken from the queue whose batch is running."""
+        """Items taken from the queue whose batch is running (all runners)."""
         self._arriving = 0
         self._arriving_lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="axguard-batcher", daemon=True)
-        self._thread.start()
+        self._stats_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._retired: set[str] = set()
+        self._started = 0
+        self.add_runner(engine.check)
+
+    @property
+    def runners(self) -> int:
+        """Threads taking batches from the queue (one per engine)."""
+        return len(self._threads)
+
+    def retire_first_runner(self) -> None:
+        """Stop the first runner (the serving process's own engine) once it takes its next
+        batch, which goes back to the queue: with engines in other processes, this one's
+        Python no longer competes with the transport for the GIL. It comes back if every
+        other runner is lost."""
+        self._retired.add(self._threads[0].name)
+
+    def add_runner(self, run: Runner) -> None:
+        """Start one more thread that takes batches from the queue and runs them with
+        `run` (same results, in order, as Engine.check)."""
+        self._started += 1
+        thread = threading.Thread(target=self._run, args=(run,), daemon=True,
+                                  name=f"axguard-batcher-{self._started - 1}")
+        self._threads.append(thread)
+        thread.start()
 
     @property
     def depth(self) -> int:
@@ -148,14 +192,22 @@ class DynamicBatcher:
                                    field="deadline") from None
 
     def close(self) -> None:
-        """Stop the worker after the items already queued."""
-        self._queue.put(None)
-        self._thread.join(timeout=30)
+        """Stop the runners after the items already queued."""
+        self._queue.put(None)  # each runner passes it on to the next, then stops
+        for thread in self._threads:
+            thread.join(timeout=30)
 
-    def _run(self) -> None:
+    def _run(self, run: Runner) -> None:
         while True:
             first = self._queue.get()
             if first is None:
+                self._queue.put(None)  # for the other runners
+                return
+            if threading.current_thread().name in self._retired:
+                self._queue.put(first)  # taken by another runner
+                with self._stats_lock:
+                    self._threads = [t for t in self._threads
+                                     if t is not threading.current_thread()]
                 return
             jobs = [first]
             deadline = time.perf_counter() + self.max_delay
@@ -172,30 +224,59 @@ class DynamicBatcher:
                     self._queue.put(None)  # stop after this batch
                     break
                 jobs.append(job)
-            self._execute(jobs)
+            if not self._execute(jobs, run):
+                return
 
-    def _execute(self, jobs: list[_Job]) -> None:
-        live = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+    def _execute(self, jobs: list[_Job], run: Runner) -> bool:
+        """Run one batch; False when the runner was lost (the batch is queued again)."""
+        live = [j for j in jobs if j.running or j.future.set_running_or_notify_cancel()]
         if not live:
-            return
+            return True
+        for job in live:
+            job.running = True
         started = time.perf_counter()
-        self.in_flight = len(live)
+        with self._stats_lock:
+            self.in_flight += len(live)
         try:
-            results = self.engine.check([j.item for j in live])
+            results = run([j.item for j in live])
+        except RunnerLost as err:
+            with self._stats_lock:
+                self.in_flight -= len(live)
+                self.stats.lost_runners += 1
+            log.error("batch_runner_lost", extra={"size": len(live), "reason": str(err)})
+            with self._stats_lock:
+                self._threads = [t for t in self._threads
+                                 if t is not threading.current_thread()]
+                if not [t for t in self._threads if t.name not in self._retired]:
+                    log.error("batch_runners_all_lost", extra={"fallback": "engine"})
+                    self.add_runner(self.engine.check)  # the serving process's own engine
+            for job in live:
+                try:
+                    self._queue.put_nowait(job)  # another runner takes it: nothing is lost
+                except queue.Full:
+                    job.future.set_exception(err)
+            return False
         except BaseException as err:  # noqa: BLE001  (handed to every waiting caller)
-            self.in_flight = 0
-            self.stats.failed_batches += 1
+            with self._stats_lock:
+                self.in_flight -= len(live)
+                self.stats.failed_batches += 1
             log.error("batch_failed", exc_info=err, extra={"size": len(live)})
             for job in live:
                 job.future.set_exception(err)
-            return
-        self.in_flight = 0
-        self.stats.batches += 1
-        self.stats.items += len(live)
-        self.stats.largest_batch = max(self.stats.largest_batch, len(live))
-        per_item = (time.perf_counter() - started) / len(live)
-        previous = self.stats.seconds_per_item
-        self.stats.seconds_per_item = per_item if previous == 0 else 0.8 * previous + 0.2 * per_item
+            return True
+        # Seconds per item of the whole engine pool: one runner's batch time ÷ runners.
+        per_item = (time.perf_counter() - started) / len(live) / len(self._threads)
+        with self._stats_lock:
+            self.in_flight -= len(live)
+            stats = self.stats
+            stats.batches += 1
+            name = threading.current_thread().name
+            stats.batches_by_runner[name] = stats.batches_by_runner.get(name, 0) + 1
+            stats.items += len(live)
+            stats.largest_batch = max(stats.largest_batch, len(live))
+            previous = stats.seconds_per_item
+            stats.seconds_per_item = per_item if previous == 0 else 0.8 * previous + 0.2 * per_item
         for job, result in zip(live, results, strict=True):
             result.timing.queue_ms = (started - job.enqueued) * 1e3
             job.future.set_result(result)
+        return True

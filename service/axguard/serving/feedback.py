@@ -283,10 +283,19 @@ class FeedbackBook:
     def issue(self, request_id: str, calibration_id: str, predicted_class: int,
               risk: float | None, flagged: bool | None) -> str:
         """Return a signed receipt for one answer."""
+        return self.issue_many([(request_id, calibration_id, predicted_class, risk,
+                                 flagged)])[0]
+
+    def issue_many(self, answers: list[tuple[str, str, int, float | None, bool | None]]
+                   ) -> list[str]:
+        """Return signed receipts for the answers of one request, each (request id,
+        calibration id, predicted class, risk, flagged): one key look-up and one clock
+        reading for all of them."""
         key_id, keys = self.keys.current()
-        receipt = Receipt(request_id, self.model, calibration_id, predicted_class, risk,
-                          flagged, int(self.clock() * 1e3))
-        return sign_receipt(receipt, key_id, keys[key_id])
+        secret, issued = keys[key_id], int(self.clock() * 1e3)
+        return [sign_receipt(Receipt(request_id, self.model, calibration_id, predicted,
+                                     risk, flagged, issued), key_id, secret)
+                for request_id, calibration_id, predicted, risk, flagged in answers]
 
     def count(self, text: str, label: int) -> Counted:
         """Verify one label's receipt; ReceiptError (with field "receipt" or "label") if it

@@ -99,9 +99,29 @@ class Metrics:
             "axguard_torch_threads", "torch intra-op threads, and how they were chosen "
             '("measured" at warm-up, "configured", "device" for GPU models).',
             ["model", "source"], registry=r)
+        self.engine_processes = Gauge(
+            "axguard_engine_processes", "Engine processes beside the serving process, taking "
+            "its batches (0: the engine runs in it), and how the count was chosen "
+            '("measured" by the start-up rule, "configured").', ["model", "source"],
+            registry=r)
         self.rpc_duration = Histogram("axguard_grpc_request_duration_seconds",
                                       "Seconds per RPC.", ["grpc_method"],
                                       buckets=SECONDS_BUCKETS, registry=r)
+
+        self._children: dict[tuple, object] = {}
+        """Label children looked up once: `labels()` validates and locks on every call."""
+        self.inflight_now = self.inflight.labels(model)
+        self._stage = {stage: self.duration.labels(model, stage) for stage in STAGES}
+        self._batch_size = self.batch_size.labels(model)
+        self._risk = self.risk.labels(model)
+
+    def child(self, metric, *labels: str):  # noqa: ANN001, ANN201  (a prometheus metric)
+        """Return metric.labels(*labels), looked up once per label set."""
+        key = (metric, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def set_model(self, version: str, fingerprint: str, calibration_id: str) -> None:
         """Publish the model info and whether a calibration is loaded."""
@@ -124,20 +144,22 @@ class Metrics:
     def observe_check(self, result, queue_ms: float, total_s: float) -> None:  # noqa: ANN001
         """Record one answered check (an engine CheckResult)."""
         cls = self._class_label(result.class_name)
-        self.checks.labels(self.model, cls).inc()
+        model = self.model
+        self.child(self.checks, model, cls).inc()
         for score in result.scores:
             if score.ax_process == "sum":
-                self.co_score.labels(self.model, score.method).observe(score.score)
+                self.child(self.co_score, model, score.method).observe(score.score)
         if result.verdict.calibrated:
-            self.risk.labels(self.model).observe(result.verdict.risk)
+            self._risk.observe(result.verdict.risk)
             if result.verdict.likely_wrong:
-                self.flagged.labels(self.model, cls).inc()
-        t = result.timing
-        for stage, ms in (("queue", queue_ms), ("forward", t.forward_ms),
-                          ("attribution", t.attribution_ms), ("ax", t.ax_ms)):
-            self.duration.labels(self.model, stage).observe(ms / 1e3)
-        self.duration.labels(self.model, "total").observe(total_s)
-        self.batch_size.labels(self.model).observe(t.batch_size)
+                self.child(self.flagged, model, cls).inc()
+        t, stage = result.timing, self._stage
+        stage["queue"].observe(queue_ms / 1e3)
+        stage["forward"].observe(t.forward_ms / 1e3)
+        stage["attribution"].observe(t.attribution_ms / 1e3)
+        stage["ax"].observe(t.ax_ms / 1e3)
+        stage["total"].observe(total_s)
+        self._batch_size.observe(t.batch_size)
 
 
 class EngineCollector:
@@ -147,17 +169,26 @@ class EngineCollector:
         self.engine = engine
         self.batcher = batcher
         self.model = model
+        self.remote: dict[str, dict[str, int]] = {}
+        """The summed counters of the extra engine processes (transport/engines.py)."""
+
+    def _counts(self, name: str) -> dict[str, int]:
+        """One engine counter (a dict by method or stage), every engine process summed."""
+        total = dict(getattr(self.engine, name))
+        for key, value in dict(self.remote.get(name, {})).items():
+            total[key] = total.get(key, 0) + value
+        return total
 
     def collect(self):  # noqa: ANN201
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         zero = CounterMetricFamily("axguard_zero_heatmaps", "All-zero heatmaps (scored 0).",
                                    labels=["model", "method"])
-        for method, value in sorted(self.engine.zero_heatmaps.items()):
+        for method, value in sorted(self._counts("zero_heatmaps").items()):
             zero.add_metric([self.model, method], value)
         captum = CounterMetricFamily("axguard_captum_fallback", "Heatmaps computed by Captum "
                                      "instead of the shared pass.", labels=["model", "method"])
-        for method, value in sorted(self.engine.captum_calls.items()):
+        for method, value in sorted(self._counts("captum_calls").items()):
             captum.add_metric([self.model, method], value)
         depth = GaugeMetricFamily("axguard_queue_depth", "Images waiting for the batcher.",
                                   labels=["model"])
@@ -170,8 +201,9 @@ class EngineCollector:
             "axguard_nonfinite_outputs", "Checks failed because the model's output for the "
             "input was not finite, by the first stage where it was not.",
             labels=["model", "stage"])
+        nonfinite_counts = self._counts("nonfinite_outputs")
         for stage in OUTPUT_STAGES:  # every series from 0, so rate() sees the first one
-            nonfinite.add_metric([self.model, stage], self.engine.nonfinite_outputs.get(stage, 0))
+            nonfinite.add_metric([self.model, stage], nonfinite_counts.get(stage, 0))
         yield from (zero, captum, depth, rejected, nonfinite)
 
 

@@ -95,13 +95,12 @@ class LiveQuality:
                                    r.verdict.likely_wrong)
         if self.book is None:
             return [""] * len(results)
-        receipts = []
-        for r, request_id in zip(results, request_ids, strict=True):
-            v = r.verdict
-            receipts.append(self.book.issue(
-                request_id, v.calibration_id if v.calibrated else "", r.class_index,
-                v.risk if v.calibrated else None, v.likely_wrong if v.calibrated else None))
-        self.metrics.receipts_issued.labels(self.metrics.model).inc(len(receipts))
+        receipts = self.book.issue_many([
+            (request_id, r.verdict.calibration_id if r.verdict.calibrated else "",
+             r.class_index, r.verdict.risk if r.verdict.calibrated else None,
+             r.verdict.likely_wrong if r.verdict.calibrated else None)
+            for r, request_id in zip(results, request_ids, strict=True)])
+        self.metrics.child(self.metrics.receipts_issued, self.metrics.model).inc(len(receipts))
         return receipts
 
     def count_labels(self, items: list[tuple[str, int]]) -> list[LabelOutcome]:

@@ -72,7 +72,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         with self._lock:
             self._active += 1
             self.last_start = time.monotonic()
-        self.metrics.inflight.labels(self.metrics.model).inc()
+        self.metrics.inflight_now.inc()
 
     def _record(self, method: str, context: grpc.ServicerContext, start: float,
                 failed: bool, cancelled: bool = False) -> None:
@@ -88,9 +88,10 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         code = context.code() or fallback
         if not isinstance(code, grpc.StatusCode):
             code = grpc.StatusCode.UNKNOWN
-        self.metrics.rpcs.labels(method, code.name).inc()
-        self.metrics.rpc_duration.labels(method).observe(time.perf_counter() - start)
-        self.metrics.inflight.labels(self.metrics.model).dec()
+        metrics = self.metrics
+        metrics.child(metrics.rpcs, method, code.name).inc()
+        metrics.child(metrics.rpc_duration, method).observe(time.perf_counter() - start)
+        metrics.inflight_now.dec()
         with self._lock:
             self._active -= 1
 

@@ -18,6 +18,7 @@ from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
@@ -27,7 +28,15 @@ from ..engine.core import Engine
 from ..errors import ConfigError
 from ..serving.dataplane import DataPlane
 from ..serving.metrics import EngineCollector, LiveQualityCollector, Metrics
-from ..serving.threads import ThreadChoice
+from ..serving.threads import ThreadChoice, usable_cores
+from .engines import (
+    EngineProcesses,
+    ProcessChoice,
+    available_memory_bytes,
+    engine_process_count,
+    engine_threads,
+    model_bytes,
+)
 from .interceptors import MetricsInterceptor
 from .oip import servicer as openinference
 from .security import CertificateFiles, TokenFile, TokenInterceptor
@@ -136,8 +145,12 @@ class ServerParts:
     plane: DataPlane
     metrics: Metrics
     interceptor: MetricsInterceptor
+    engine_collector: EngineCollector
     certificates: CertificateFiles | None = None
     """TLS certificate files (reloaded when they change); None without TLS."""
+    engines: EngineProcesses | None = None
+    """Extra engine processes taking batches from the batcher (start_serving)."""
+    process_choice: ProcessChoice | None = None
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -180,7 +193,8 @@ def build_server(settings: Settings, engine: Engine,
         options=server_options(settings),
     )
     plane = DataPlane(engine, settings, metrics)
-    registry.register(EngineCollector(engine, plane.batcher, bundle.name))
+    engine_collector = EngineCollector(engine, plane.batcher, bundle.name)
+    registry.register(engine_collector)
     registry.register(LiveQualityCollector(plane.live, bundle.name))
     pb_grpc.add_ConfidenceServiceServicer_to_server(ConfidenceServicer(plane), server)
     openinference.add_to_server(plane, server)  # the Open Inference Protocol, same port
@@ -206,7 +220,7 @@ def build_server(settings: Settings, engine: Engine,
     if port == 0:
         raise ConfigError(f"cannot bind {address}", field="server.port")
     return ServerParts(server, port, health_servicer, plane, metrics, interceptor,
-                       certificates)
+                       engine_collector, certificates)
 
 
 def start_serving(parts: ServerParts, settings: Settings | None = None,
@@ -224,9 +238,47 @@ def start_serving(parts: ServerParts, settings: Settings | None = None,
         parts.plane.thread_choice = choice
         parts.metrics.torch_threads.labels(parts.metrics.model, choice.source).set(
             choice.threads)
+    if settings is not None and choice is not None:
+        start_engine_processes(parts, settings, choice)
+    if choice is not None:
         engine.ready = True
     for name in ("", SERVICE_NAME):
         parts.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+def start_engine_processes(parts: ServerParts, settings: Settings,
+                           choice: ThreadChoice) -> None:
+    """Decide how many engine processes serve beside this one (server.engine_processes,
+    else engines.engine_process_count) and start them: their runners take every batch, and
+    this process's own engine only takes over if they all end."""
+    engine = parts.plane.engine
+    device = engine.bundle.device
+    configured = settings.server.engine_processes
+    cores = usable_cores()
+    if configured is not None:
+        decided = ProcessChoice(configured, "configured")
+    else:
+        gpu_free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+        count, why = engine_process_count(cores, choice, device.type, model_bytes(engine),
+                                          available_memory_bytes(), gpu_free)
+        decided = ProcessChoice(count, "measured", why)
+    parts.process_choice = decided
+    parts.metrics.engine_processes.labels(parts.metrics.model, decided.source).set(
+        decided.processes)
+    log.info("engine_processes", extra={"processes": decided.processes,
+                                        "source": decided.source,
+                                        "choice": decided.describe()})
+    if decided.processes == 0:
+        return
+    parts.engines = EngineProcesses(
+        settings, decided.processes,
+        engine_threads(cores, choice, device.type, decided.processes),
+        engine.bundle.memory_format)
+    batcher = parts.plane.batcher
+    for run in parts.engines.runners():
+        batcher.add_runner(run)
+    batcher.retire_first_runner()  # this process's engine: only when every other one ended
+    parts.engine_collector.remote = parts.engines.counters
 
 
 QUIET_SECONDS = 0.5
@@ -277,11 +329,18 @@ def serve(settings: Settings, on_ready: Callable[[int], None] | None = None,
                                "model": engine.bundle.name})
     if on_ready is not None:
         on_ready(metrics_http.server_port if metrics_http is not None else 0)
-    stop.wait()
+    code = 0
+    while not stop.wait(0.5):
+        if parts.engines is not None and not parts.engines.alive():
+            log.error("engine_process_died", extra={"pids": parts.engines.pids})
+            code = 1  # NOT_SERVING, drain, exit 1: the supervisor restarts the pod
+            break
     drain(parts, settings.server.grace_seconds)
     parts.plane.close()
+    if parts.engines is not None:
+        parts.engines.close()
     if metrics_http is not None:  # last, so the drain itself is visible to Prometheus
         metrics_http.shutdown()
         metrics_http.server_close()
-    log.info("stopped")
-    return 0
+    log.info("stopped", extra={"exit_code": code})
+    return code

@@ -29,7 +29,7 @@ from multiprocessing.connection import Connection
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from ..config import Settings
+from ..config import Settings, plain_settings
 from ..errors import AxguardError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -107,13 +107,14 @@ def serve_processes(settings: Settings) -> int:
     """Run `server.processes` workers on one port until SIGTERM; return the exit code."""
     count = settings.server.processes
     port = settings.server.port or _free_port(settings.server.host)
-    # A plain Settings (load_settings returns a local subclass, which does not pickle),
-    # built without reading the environment again.
-    worker_settings = Settings.model_construct(**{
-        **{name: getattr(settings, name) for name in Settings.model_fields},
-        "server": settings.server.model_copy(update={"port": port, "processes": 1}),
-        "metrics": settings.metrics.model_copy(update={"enabled": True, "host": "127.0.0.1",
-                                                       "port": 0})})
+    # One engine per server unless configured: the cores are already shared out.
+    worker_settings = plain_settings(
+        settings,
+        server=settings.server.model_copy(update={
+            "port": port, "processes": 1,
+            "engine_processes": settings.server.engine_processes or 0}),
+        metrics=settings.metrics.model_copy(update={"enabled": True, "host": "127.0.0.1",
+                                                    "port": 0}))
     context = multiprocessing.get_context("spawn")
     shares = core_shares(sorted(os.sched_getaffinity(0)), count)
     workers = []
