@@ -36,11 +36,23 @@ def children(pid: int) -> list[int]:
         return []
 
 
+def is_engine(pid: int) -> bool:
+    """An engine process (multiprocessing's spawn), not its resource tracker."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"spawn_main" in command
+
+
 def memory(pid: int) -> dict:
-    """Resident MiB of the serving process and of each of its children."""
-    engines = [rss_mb(c) for c in children(pid)]
-    return {"serving_mb": rss_mb(pid), "engine_processes_mb": engines,
-            "total_mb": rss_mb(pid) + sum(engines)}
+    """Resident MiB of the serving process, of each engine process and of other children
+    (multiprocessing's resource tracker)."""
+    kids = children(pid)
+    engines = [rss_mb(c) for c in kids if is_engine(c)]
+    others = [rss_mb(c) for c in kids if not is_engine(c)]
+    return {"serving_mb": rss_mb(pid), "engine_processes_mb": engines, "other_mb": others,
+            "total_mb": rss_mb(pid) + sum(engines) + sum(others)}
 
 
 def measure(name: str, args: list[str], spec, soak: bool) -> list[dict]:

@@ -23,10 +23,11 @@ from axguard.serving.metrics import EngineCollector
 from axguard.serving.threads import ThreadChoice
 from axguard.transport.engines import (
     GPU_CONTEXT_BYTES,
-    PROCESS_OVERHEAD_BYTES,
+    PROCESS_FLOOR_BYTES,
     available_memory_bytes,
     engine_process_count,
     engine_threads,
+    resident_bytes,
 )
 from axguard.transport.server import build_server, start_serving
 from axguard_client import AxguardClient
@@ -56,11 +57,26 @@ def test_the_rule_by_hand():
     # One core, or no memory for another process: the engine stays in the serving process.
     assert engine_process_count(1, measured(1, 0.0075, 0.00064), "cpu", 10**6, 20 * GIB) == (
         0, "one usable core")
-    tight = PROCESS_OVERHEAD_BYTES + 10**6 - 1
+    tight = PROCESS_FLOOR_BYTES + 10**6 - 1
     assert engine_process_count(2, measured(1, 0.0075, 0.00064), "cpu", 10**6, tight)[0] == 0
+    # Each engine process needs what the serving process holds: a 2 GiB pod limit with
+    # 1.1 GiB used leaves 0.9 GiB, less than the serving process's 1.1 GiB: no engine process.
+    pod = engine_process_count(2, measured(1, 0.0075, 0.00064), "cpu", 10**6,
+                               int(0.9 * GIB), process_bytes=int(1.1 * GIB))
+    assert pod[0] == 0 and "memory 0" in pod[1]
+    assert engine_process_count(2, measured(1, 0.0075, 0.00064), "cpu", 10**6, 3 * GIB,
+                                process_bytes=int(1.1 * GIB))[0] == 1
     # Threads: the measured choice on a CPU, a share of the cores on a GPU.
     assert engine_threads(16, measured(2, 0.1, 0.001), "cpu", 4) == 2
     assert engine_threads(16, gpu, "cuda", 3) == 5
+
+
+def test_resident_memory_is_read_from_proc(tmp_path):
+    status = tmp_path / "status"
+    status.write_text("Name:\tpython\nVmRSS:\t  789012 kB\n")
+    assert resident_bytes(status) == 789012 * 1024
+    assert resident_bytes(tmp_path / "none") is None
+    assert resident_bytes() > 100 * 2**20  # this test process, with torch loaded
 
 
 def test_free_memory_is_the_cgroup_limit_less_its_usage(tmp_path):

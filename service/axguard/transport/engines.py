@@ -52,9 +52,9 @@ log = logging.getLogger("axguard.server")
 READY_TIMEOUT_SECONDS = 900.0
 """An engine process loads its model and warms up within this (ResNets take a minute)."""
 MAX_AUTO_PROCESSES = 8
-PROCESS_OVERHEAD_BYTES = 400 * 2**20
-"""Memory of one more engine process beyond its model's weights: the interpreter, torch's
-libraries and the working memory of a batch (measured: bench/results/memory_processes.md)."""
+PROCESS_FLOOR_BYTES = 512 * 2**20
+"""The least memory counted for one engine process: a torch process holds about this much
+before it loads a model (torch 2.14's CUDA build: 510 MiB resident after `import torch`)."""
 GPU_CONTEXT_BYTES = 1024 * 2**20
 """GPU memory of one more engine process beyond its weights: its CUDA context and a batch's
 activations (an estimate: no GPU was lent to measure it)."""
@@ -103,9 +103,20 @@ def available_memory_bytes(cgroup: Path = Path("/sys/fs/cgroup"),
     return None
 
 
+def resident_bytes(status: Path = Path("/proc/self/status")) -> int | None:
+    """This process's resident memory (VmRSS), or None when it cannot be read."""
+    try:
+        for line in status.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def engine_process_count(cores: int, choice: ThreadChoice, device: str, weights_bytes: int,
-                         free_bytes: int | None, gpu_free_bytes: int | None = None
-                         ) -> tuple[int, str]:
+                         free_bytes: int | None, gpu_free_bytes: int | None = None,
+                         process_bytes: int | None = None) -> tuple[int, str]:
     """The rule for `server.engine_processes` unset: (engine processes beside the serving
     process, why); 0 keeps the engine in the serving process.
 
@@ -117,8 +128,11 @@ def engine_process_count(cores: int, choice: ThreadChoice, device: str, weights_
     - feed: the transport costs τ seconds per request (the measured loopback round trip),
       an engine s seconds per item (the measured batch), so the one transport keeps at
       most ⌈s / τ⌉ engines busy;
-    - memory: each engine process needs the model's weights plus PROCESS_OVERHEAD_BYTES of
-      the free memory (and, on a GPU, the weights plus GPU_CONTEXT_BYTES of its memory);
+    - memory: each engine process needs as much of the free memory (less the server's
+      request memory budget, server.memory_budget_mib) as the serving process
+      holds after its warm-up (`process_bytes`, its VmRSS: the same libraries and model;
+      at least PROCESS_FLOOR_BYTES plus the weights), and on a GPU the weights plus
+      GPU_CONTEXT_BYTES of its memory;
     - MAX_AUTO_PROCESSES.
     With one usable core, or no memory for one more process, it is 0.
     """
@@ -133,7 +147,8 @@ def engine_process_count(cores: int, choice: ThreadChoice, device: str, weights_
         per_item = choice.batch_seconds[choice.threads] / max(1, choice.batch)
         bounds["feed"] = max(1, math.ceil(per_item / choice.transport_seconds_per_item))
     if free_bytes is not None:
-        bounds["memory"] = free_bytes // (weights_bytes + PROCESS_OVERHEAD_BYTES)
+        need = max(process_bytes or 0, PROCESS_FLOOR_BYTES + weights_bytes)
+        bounds["memory"] = free_bytes // need
     if gpu_free_bytes is not None:
         bounds["gpu_memory"] = gpu_free_bytes // (weights_bytes + GPU_CONTEXT_BYTES)
     bounds["most"] = MAX_AUTO_PROCESSES

@@ -36,6 +36,7 @@ from .engines import (
     engine_process_count,
     engine_threads,
     model_bytes,
+    resident_bytes,
 )
 from .interceptors import MetricsInterceptor
 from .oip import servicer as openinference
@@ -259,8 +260,11 @@ def start_engine_processes(parts: ServerParts, settings: Settings,
         decided = ProcessChoice(configured, "configured")
     else:
         gpu_free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+        free = available_memory_bytes()
+        if free is not None:  # request images may take the memory budget under load
+            free = max(0, free - settings.server.memory_budget_mib * 2**20)
         count, why = engine_process_count(cores, choice, device.type, model_bytes(engine),
-                                          available_memory_bytes(), gpu_free)
+                                          free, gpu_free, resident_bytes())
         decided = ProcessChoice(count, "measured", why)
     parts.process_choice = decided
     parts.metrics.engine_processes.labels(parts.metrics.model, decided.source).set(
