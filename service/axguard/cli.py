@@ -180,11 +180,15 @@ def _calibrate_parser(subparsers: argparse._SubParsersAction) -> None:
 def _evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     ev = subparsers.add_parser(
         "evaluate", help="check a calibration's promise on separate labelled images",
-        description="Exit 1 when the promise is broken beyond its binomial interval.")
+        description="Exit 1 when the promise (of the new calibration, with --compare) is "
+                    "broken beyond its binomial interval.")
     _model_args(ev)
     ev.add_argument("--data", required=True,
                     help="DIR/<class name>/*.png|jpg, or builtin:digits-test")
     ev.add_argument("--calibration", dest="calibration", required=True)
+    ev.add_argument("--compare", type=Path, metavar="OLD",
+                    help="also score calibration OLD on the same images and compare them "
+                         "paired (risk AUROC, error recall, false-alarm rate)")
     ev.add_argument("--out", type=Path, help="also write the evaluation as JSON here")
     ev.add_argument("--bootstrap", type=int, default=1000)
     ev.add_argument("--batch-size", type=int, default=64)
@@ -305,18 +309,26 @@ def run_calibrate(args: argparse.Namespace) -> int:
 def run_evaluate(args: argparse.Namespace) -> int:
     from .builder import build_engine
     from .calibration.datasets import load_labelled_images
-    from .calibration.evaluate import evaluate, format_evaluation
+    from .calibration.evaluate import compare, evaluate, format_comparison, format_evaluation
 
     def body(settings: Any) -> int:
         engine = build_engine(settings)
         images = load_labelled_images(args.data, engine.bundle.class_names)
-        result = evaluate(engine, images, n_bootstrap=args.bootstrap,
-                          batch_size=args.batch_size, progress=sys.stderr.isatty())
-        print(format_evaluation(result))
+        options = {"n_bootstrap": args.bootstrap, "batch_size": args.batch_size,
+                   "progress": sys.stderr.isatty()}
+        if args.compare is not None:
+            old = build_engine(settings.model_copy(update={"calibration": str(args.compare)}))
+            result = compare(engine, old, images, **options)
+            print(format_comparison(result))
+            held = result.new.promise_held
+        else:
+            result = evaluate(engine, images, **options)
+            print(format_evaluation(result))
+            held = result.promise_held
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(result.model_dump_json(indent=1) + "\n")
-        return 0 if result.promise_held else 1
+        return 0 if held else 1
 
     return _run(args, body)
 

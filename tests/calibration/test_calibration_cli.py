@@ -383,3 +383,41 @@ def test_the_report_page_is_a_package_data_template():
              for m in report_template().pattern.finditer(report_template().template)
              if m.group("named") or m.group("braced")}
     assert {"verdict", "metric_rows", "selection", "figures"} <= names
+
+
+def test_evaluate_compares_two_calibrations_on_the_same_images(folders, artifact_path, tmp_path,
+                                                               capsys):
+    # The old calibration: the same risk model with a threshold of 0 (flags everything).
+    artifact = load_artifact(artifact_path)
+    old = tmp_path / "old.json"
+    save_artifact(artifact.with_threshold(0.0), old)
+    out = tmp_path / "compare.json"
+    code = main(["evaluate", "--data", str(folders["test"]), "--calibration",
+                 str(artifact_path), "--compare", str(old), "--bootstrap", "30",
+                 "--out", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0, text  # the new calibration's promise decides
+    result = json.loads(out.read_text())
+    new, before = result["new"], result["old"]
+    assert new["calibration_id"] == artifact.calibration_id != before["calibration_id"]
+    assert new["n_images"] == before["n_images"] == 360
+    assert new["promise_held"] and not before["promise_held"]
+    assert before["false_alarm_rate"] == 1.0 and before["error_recall"] == 1.0
+    assert result["false_alarm_rate_change"] == pytest.approx(new["false_alarm_rate"] - 1.0)
+    assert result["error_recall_change"] == pytest.approx(new["error_recall"] - 1.0)
+    # The same risk model: the paired AUROC difference is exactly 0, never better.
+    paired = result["risk_new_vs_old"]
+    assert paired["difference"] == 0.0 and paired["p_not_better"] == 1.0
+    assert "risk AUROC new − old: +0.000" in text and "BROKEN" in text
+
+
+def test_compare_refuses_another_models_calibration(folders, artifact_path, tmp_path, capsys):
+    artifact = load_artifact(artifact_path)
+    other = artifact.model_copy(update={"model": artifact.model.model_copy(
+        update={"fingerprint": "0" * 64})})
+    path = tmp_path / "other.json"
+    save_artifact(other, path)
+    code = main(["evaluate", "--data", str(folders["test"]), "--calibration",
+                 str(artifact_path), "--compare", str(path), "--bootstrap", "10"])
+    assert code == 2
+    assert "fingerprint" in capsys.readouterr().err

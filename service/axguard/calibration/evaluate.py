@@ -1,7 +1,9 @@
-"""`axguard evaluate`: check the calibration's promise on separate labelled data."""
+"""`axguard evaluate`: check the calibration's promise on separate labelled data, and
+(`--compare OLD`) compare two calibrations of the served model on the same images."""
 
 from __future__ import annotations
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from ..engine.core import Engine
@@ -54,6 +56,14 @@ class Evaluation(BaseModel):
 def evaluate(engine: Engine, images: LabelledImages, *, n_bootstrap: int = 1000,
              batch_size: int = 64, seed: int = 0, progress: bool = True) -> Evaluation:
     """Return the evaluation of the engine's calibration on labelled images."""
+    return scored_evaluation(engine, images, n_bootstrap=n_bootstrap, batch_size=batch_size,
+                             seed=seed, progress=progress)[0]
+
+
+def scored_evaluation(engine: Engine, images: LabelledImages, *, n_bootstrap: int = 1000,
+                      batch_size: int = 64, seed: int = 0, progress: bool = True
+                      ) -> tuple[Evaluation, np.ndarray, np.ndarray]:
+    """Return (the evaluation, is_error per image, risk per image)."""
     artifact = engine.calibration
     if artifact is None:
         raise ConfigError("evaluation needs a calibration", field="calibration")
@@ -93,7 +103,7 @@ def evaluate(engine: Engine, images: LabelledImages, *, n_bootstrap: int = 1000,
     else:
         paired = {"difference": float("nan"), "low": float("nan"), "high": float("nan"),
                   "p_not_better": float("nan")}
-    return Evaluation(
+    return (Evaluation(
         calibration_id=artifact.calibration_id, data_source=images.source,
         n_images=len(is_error), n_errors=n_err, accuracy=n_ok / len(is_error),
         mode=t.mode, target=t.target, delta=t.delta, observed_rate=observed,
@@ -103,7 +113,69 @@ def evaluate(engine: Engine, images: LabelledImages, *, n_bootstrap: int = 1000,
         flagged_share=float(flagged.mean()), aurocs=aurocs,
         risk_vs_msp=PairedDifference(a="risk", b="msp", **paired),
         left_out=data.left_out,
-    )
+    ), is_error, risk)
+
+
+class Comparison(BaseModel):
+    """Two calibrations of one model scored on the same labelled images."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    new: Evaluation
+    old: Evaluation
+    risk_new_vs_old: PairedDifference
+    """AUROC(new risk) − AUROC(old risk) on the same predictions, paired bootstrap."""
+    error_recall_change: float
+    """New − old error recall (the share of errors flagged)."""
+    false_alarm_rate_change: float
+    """New − old false-alarm rate (the share of correct predictions flagged)."""
+
+
+def compare(new: Engine, old: Engine, images: LabelledImages, *, n_bootstrap: int = 1000,
+            batch_size: int = 64, seed: int = 0, progress: bool = True) -> Comparison:
+    """Score both engines' calibrations on the same images (the same model: checked by
+    the calibrations' fingerprints when the engines were built, and here by the images
+    left out and the errors being the same) and compare them paired."""
+    a, errors_a, risk_a = scored_evaluation(new, images, n_bootstrap=n_bootstrap,
+                                            batch_size=batch_size, seed=seed,
+                                            progress=progress)
+    b, errors_b, risk_b = scored_evaluation(old, images, n_bootstrap=n_bootstrap,
+                                            batch_size=batch_size, seed=seed,
+                                            progress=progress)
+    if a.left_out != b.left_out or not np.array_equal(errors_a, errors_b):
+        raise ConfigError("the two calibrations' engines do not predict alike on these "
+                          "images: compare calibrations of one model", field="compare")
+    if errors_a.any() and (~errors_a).any():
+        paired = m.paired_auroc_difference(errors_a, risk_a, risk_b, n_resamples=n_bootstrap,
+                                           seed=seed)
+    else:
+        paired = {"difference": float("nan"), "low": float("nan"), "high": float("nan"),
+                  "p_not_better": float("nan")}
+    return Comparison(new=a, old=b, risk_new_vs_old=PairedDifference(
+        a=f"risk {a.calibration_id}", b=f"risk {b.calibration_id}", **paired),
+        error_recall_change=a.error_recall - b.error_recall,
+        false_alarm_rate_change=a.false_alarm_rate - b.false_alarm_rate)
+
+
+def format_comparison(c: Comparison) -> str:
+    """Return both evaluations and the paired comparison as plain text."""
+    d = c.risk_new_vs_old
+    rows = [("", "new", "old"), ("calibration", c.new.calibration_id, c.old.calibration_id),
+            ("promise", "HELD" if c.new.promise_held else "BROKEN",
+             "HELD" if c.old.promise_held else "BROKEN")]
+    rows += [(name, f"{getattr(c.new, key):.4f}", f"{getattr(c.old, key):.4f}")
+             for name, key in (("false-alarm rate", "false_alarm_rate"),
+                               ("error recall", "error_recall"),
+                               ("flagged share", "flagged_share"))]
+    rows.append(("risk − MSP AUROC", f"{c.new.risk_vs_msp.difference:+.3f}",
+                 f"{c.old.risk_vs_msp.difference:+.3f}"))
+    lines = [f"on {c.new.data_source}: {c.new.n_images} images, {c.new.n_errors} wrong"]
+    lines += [f"  {a:<18} {b:>18} {e:>18}" for a, b, e in rows]
+    lines.append(f"error recall change {c.error_recall_change:+.4f}; false-alarm rate change "
+                 f"{c.false_alarm_rate_change:+.4f}")
+    lines.append(f"risk AUROC new − old: {d.difference:+.3f} [{d.low:+.3f}, {d.high:+.3f}] "
+                 f"(paired bootstrap; new not better in {d.p_not_better:.0%} of resamples)")
+    return "\n\n".join([format_evaluation(c.new), "\n".join(lines)])
 
 
 def format_evaluation(ev: Evaluation) -> str:
