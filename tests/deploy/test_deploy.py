@@ -225,3 +225,43 @@ def test_grafana_dashboard_queries_exported_metrics():
                    "axguard:live_error_recall:1d", "axguard_feedback_refused_total",
                    "axguard_drift_psi", "axguard_drift_flagged_share"):
         assert any(needed in e for e in exprs), needed
+
+
+@pytest.mark.system
+def test_the_recalibration_job_uses_the_served_model_and_replaces_the_mounted_configmap():
+    docs = [d for d in yaml.safe_load_all((K8S / "jobs/recalibrate.yaml").read_text()) if d]
+    job = next(d for d in docs if d["kind"] == "Job")["spec"]["template"]["spec"]
+    calibrate, compare = job["initContainers"]
+    served = yaml.safe_load((K8S / "overlays/custom-model/axguard.yaml").read_text())
+
+    def options(command: list[str]) -> dict:
+        out, key = {}, None
+        for word in command[2:]:
+            if word.startswith("--"):
+                key = word[2:]
+                out[key] = []
+            else:
+                out[key].append(word)
+        return out
+
+    for container in (calibrate, compare):
+        got = options(container["command"])
+        model = served["model"]
+        assert got["model"] == [model["source"]] and got["weights"] == [model["weights"]]
+        assert got["classes"] == [model["classes"]] and got["name"] == [model["name"]]
+        assert [int(v) for v in got["input-size"]] == model["input_size"]
+        assert [float(v) for v in got["mean"]] == model["mean"]
+        assert [float(v) for v in got["std"]] == model["std"]
+        assert got["model-version"] == [model["version"]]
+    assert options(calibrate["command"])["out"] == ["/work/calibration.json"]
+    cmp = options(compare["command"])
+    assert cmp["calibration"] == ["/work/calibration.json"]
+    # --compare reads the calibration in service, where the pods mount it.
+    pod = deployment("overlays/custom-model")["spec"]["template"]["spec"]
+    mounted = next(v for v in pod["volumes"] if v["name"] == "calibration")["configMap"]["name"]
+    assert cmp["compare"] == ["/calibration/calibration.json"]
+    assert served["calibration"] == "/calibration/calibration.json"
+    assert f"configmap {mounted} " in job["containers"][0]["command"][-1]
+    role = next(d for d in docs if d["kind"] == "Role")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"],
+                              "resourceNames": [mounted], "verbs": ["get", "patch", "update"]}]
