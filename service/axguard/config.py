@@ -297,6 +297,10 @@ class Settings(BaseSettings):
     calibration: str | None = None
     """Calibration artifact (JSON) for the verdict; the demo model uses its bundled one
     unless this is "none"."""
+    calibration_poll_seconds: float = Field(default=5.0, ge=0)
+    """How often the served calibration file is checked for a new version (renamed or
+    symlinked into place, as a ConfigMap update does); a valid new one is served from the
+    next batch on, an invalid one refused. 0: only on SIGHUP."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Log level."""
     log_json: bool | None = None

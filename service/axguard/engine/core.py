@@ -269,18 +269,35 @@ class Engine:
         (errors.OUTPUT_STAGES)."""
         self.backward_passes = 0
         """Backward passes run so far (a plan without gradient evidence adds none)."""
-        self.calibration = calibration
+        self.calibration: CalibrationArtifact | None = None
         self.plan = EvidencePlan()
         """What the verdict needs; empty without a calibration."""
-        if calibration is not None:
-            check_matches(calibration, bundle.fingerprint, self.available)
-            self.plan = EvidencePlan.of(calibration.flag.families)
         self._views: dict[str, evidence.ViewSpec] = {}
         # Build the needed methods and views now so configuration errors surface at start-up.
-        for name in (*self.default_methods, *self.plan.methods):
+        for name in self.default_methods:
             self._heatmap_fn(name)
-        for text in self.plan.views:
+        if calibration is not None:
+            self._prepare(calibration)
+            self.calibration, self.plan = calibration, EvidencePlan.of(calibration.flag.families)
+
+    def _prepare(self, calibration: CalibrationArtifact) -> None:
+        """Check that the calibration belongs to this model (ConfigError otherwise) and
+        build the methods and views its verdict needs."""
+        check_matches(calibration, self.bundle.fingerprint, self.available)
+        plan = EvidencePlan.of(calibration.flag.families)
+        for name in plan.methods:
+            self._require_usable(name)
+            self._heatmap_fn(name)
+        for text in plan.views:
             self._view(text)
+
+    def use_calibration(self, calibration: CalibrationArtifact) -> None:
+        """Judge every later batch with `calibration` (validated first: ConfigError, and the
+        old one stays). A batch that is running finishes with the old one: the swap waits
+        for the engine's lock."""
+        with self._lock:
+            self._prepare(calibration)
+            self.calibration, self.plan = calibration, EvidencePlan.of(calibration.flag.families)
 
     def _probed(self, report: list[attribution.MethodStatus]) -> list[attribution.MethodStatus]:
         """Run Captum's own methods (DeepLift, Grad-CAM) once on a grey image: one that

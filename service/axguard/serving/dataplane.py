@@ -303,6 +303,16 @@ class DataPlane:
         signed = iter(self.live.observe(answered, answered_ids))
         return results, ["" if r.error is not None else next(signed) for r in results]
 
+    def use_calibration(self, calibration: CalibrationArtifact) -> None:
+        """Serve `calibration` from the next batch on (validated by the engine first:
+        ConfigError, and nothing changes): the verdicts, receipts, metrics and the drift
+        window's reference follow it. Checks already running finish with the old one."""
+        self.engine.use_calibration(calibration)
+        self.diagnoser.calibration = calibration
+        self.live.use_calibration(calibration)
+        bundle = self.engine.bundle
+        self.metrics.set_model(bundle.version, bundle.fingerprint, calibration.calibration_id)
+
     def feedback(self, items: list[tuple[str, int]], request_id: str) -> list[LabelOutcome]:
         """Verify and count (receipt, label) pairs; log refusals and the totals."""
         self.ensure_ready(warm=False)

@@ -104,6 +104,13 @@ class Metrics:
             "its batches (0: the engine runs in it), and how the count was chosen "
             '("measured" by the start-up rule, "configured").', ["model", "source"],
             registry=r)
+        self.calibration_reloads = Counter(
+            "axguard_calibration_reloads", "Calibration files read after start-up (the file "
+            'changed, or SIGHUP), by outcome: "swapped" (served from the next batch on), '
+            '"refused" (invalid, or not for this model: the old one keeps serving).',
+            ["model", "outcome"], registry=r)
+        for outcome in ("swapped", "refused"):
+            self.calibration_reloads.labels(model, outcome)
         self.rpc_duration = Histogram("axguard_grpc_request_duration_seconds",
                                       "Seconds per RPC.", ["grpc_method"],
                                       buckets=SECONDS_BUCKETS, registry=r)
@@ -124,7 +131,11 @@ class Metrics:
         return found
 
     def set_model(self, version: str, fingerprint: str, calibration_id: str) -> None:
-        """Publish the model info and whether a calibration is loaded."""
+        """Publish the model info and whether a calibration is loaded (a new calibration
+        replaces the old info series)."""
+        for labels in list(getattr(self, "_model_info_labels", ())):
+            self.model_info.remove(*labels)
+        self._model_info_labels = [(self.model, version, fingerprint, calibration_id)]
         self.model_info.labels(self.model, version, fingerprint, calibration_id).set(1)
         self.calibrated.labels(self.model).set(1 if calibration_id else 0)
 

@@ -71,12 +71,19 @@ class LiveQuality:
                                            "max_age_seconds": self.max_age_seconds})
         else:
             log.info("feedback_off", extra={"reason": "no feedback.key_file"})
+        self._drift_settings = settings.drift
         self.drift: DriftWindow | None = None
-        if calibration is not None and settings.drift.enabled:
-            self.drift = DriftWindow(DriftReference.from_artifact(calibration),
-                                     settings.drift.window, settings.drift.min_items)
         if calibration is not None:
-            metrics.set_calibration(calibration)
+            self.use_calibration(calibration)
+
+    def use_calibration(self, calibration) -> None:  # noqa: ANN001  (CalibrationArtifact)
+        """Publish a (new) calibration's promise and restart the drift window against its
+        reference: verdicts of the old calibration no longer count."""
+        drift = self._drift_settings
+        if drift.enabled:
+            self.drift = DriftWindow(DriftReference.from_artifact(calibration), drift.window,
+                                     drift.min_items)
+        self.metrics.set_calibration(calibration)
 
     @property
     def enabled(self) -> bool:

@@ -44,6 +44,7 @@ from ..engine.core import (
     Verdict,
 )
 from ..errors import AxguardError, ConfigError, NonFiniteOutput
+from ..flag.artifact import CalibrationArtifact
 from ..serving.batching import RunnerLost
 from ..serving.threads import ThreadChoice
 
@@ -166,15 +167,25 @@ def engine_threads(cores: int, choice: ThreadChoice, device: str, count: int) ->
 
 # -- the wire: a batch and its results as plain tuples, lists and one image array --------
 
-def _items_to_wire(items: list[CheckItem]) -> bytes:
+def _items_to_wire(items: list[CheckItem], calibration: str | None = None) -> bytes:
+    """A batch for an engine process; `calibration` (an artifact's JSON) when it must
+    judge this batch and every later one with a new calibration."""
     images = torch.stack([item.image for item in items]).cpu().numpy()
     options = [(tuple(i.methods), tuple(i.ax_processes), i.label, i.return_heatmaps,
                 i.prediction_only, i.verdict_only, tuple(i.pairs)) for i in items]
-    return pickle.dumps((images, options), protocol=pickle.HIGHEST_PROTOCOL)
+    return pickle.dumps((images, options, calibration), protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def _items_from_wire(data: bytes) -> list[CheckItem]:
-    images, options = pickle.loads(data)
+    return _batch_from_wire(data)[0]
+
+
+def _batch_from_wire(data: bytes) -> tuple[list[CheckItem], str | None]:
+    images, options, calibration = pickle.loads(data)
+    return _items_of(images, options), calibration
+
+
+def _items_of(images, options) -> list[CheckItem]:  # noqa: ANN001
     pixels = torch.from_numpy(images)
     return [ResolvedItem(pixels[k], methods, processes, label, heatmaps, prediction_only,
                          verdict_only, pairs, image_checked=True)
@@ -250,7 +261,10 @@ def _run_batch(engine: Engine, data: bytes) -> bytes:
     """One batch in an engine process: the reply with its results and counter changes."""
     before = _counters(engine)
     try:
-        results = engine.check(_items_from_wire(data))
+        items, calibration = _batch_from_wire(data)
+        if calibration is not None:  # validated by the serving process; checked again
+            engine.use_calibration(CalibrationArtifact.model_validate_json(calibration))
+        results = engine.check(items)
         after = _counters(engine)
         delta = {name: {k: v - before[name].get(k, 0) for k, v in after[name].items()
                         if v != before[name].get(k, 0)} for name in COUNTERS}
@@ -277,6 +291,11 @@ class EngineProcesses:
         self.counters: dict[str, dict[str, int]] = {name: {} for name in COUNTERS}
         """Counters of every engine process, summed (the serving engine keeps its own)."""
         self._lock = threading.Lock()
+        self._calibration: tuple[int, str] = (0, "")
+        """(version, artifact JSON) of the calibration every later batch must use."""
+        self._sent: dict[int, int] = {}
+        """The calibration version sent down each pipe (by id): every pipe carries a new
+        one once, so no later batch of either pipe is judged with the old."""
         for index in range(count):
             pairs = [context.Pipe(duplex=True) for _ in range(PIPES_PER_ENGINE)]
             process = context.Process(target=_engine_main, name=f"axguard-engine-{index + 1}",
@@ -313,8 +332,12 @@ class EngineProcesses:
         process = self._workers[index][0]
 
         def run(items: list[CheckItem]) -> list[CheckResult]:
+            with self._lock:
+                version, text = self._calibration
+                new = text if self._sent.get(id(conn), 0) != version else None
+                self._sent[id(conn)] = version
             try:
-                conn.send_bytes(_items_to_wire(items))
+                conn.send_bytes(_items_to_wire(items, new))
                 reply = pickle.loads(conn.recv_bytes())
             except (EOFError, OSError) as err:
                 process.join(1)
@@ -332,6 +355,12 @@ class EngineProcesses:
             return [_result_from_wire(r) for r in results]
 
         return run
+
+    def use_calibration(self, calibration: CalibrationArtifact) -> None:
+        """Send `calibration` with the next batch to each engine process: batches already
+        in a pipe finish with the old one, every later one uses it."""
+        with self._lock:
+            self._calibration = (self._calibration[0] + 1, calibration.model_dump_json())
 
     def alive(self) -> bool:
         """True while every engine process runs."""

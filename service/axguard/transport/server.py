@@ -26,8 +26,10 @@ from prometheus_client import CollectorRegistry, start_http_server
 from ..config import Settings
 from ..engine.core import Engine
 from ..errors import ConfigError
+from ..flag.artifact import CalibrationArtifact
 from ..serving.dataplane import DataPlane
 from ..serving.metrics import EngineCollector, LiveQualityCollector, Metrics
+from ..serving.reload import CalibrationWatcher
 from ..serving.threads import ThreadChoice, usable_cores
 from .engines import (
     EngineProcesses,
@@ -48,7 +50,7 @@ from .v1.servicer import SERVICE_NAME, ConfidenceServicer
 log = logging.getLogger(__name__)
 
 __all__ = ["SERVICE_NAME", "ConfidenceServicer", "HealthServicer", "ServerParts",
-           "build_server", "drain", "serve", "start_serving"]
+           "build_server", "drain", "serve", "start_serving", "watch_calibration"]
 
 
 class HealthServicer(health_pb2_grpc.HealthServicer):
@@ -285,6 +287,26 @@ def start_engine_processes(parts: ServerParts, settings: Settings,
     parts.engine_collector.remote = parts.engines.counters
 
 
+def watch_calibration(parts: ServerParts, settings: Settings) -> CalibrationWatcher | None:
+    """Watch the served calibration file (serving/reload.py): a valid new one is served by
+    this process's engine and, from their next batch, by the engine processes. None when
+    no calibration file is served."""
+    from ..builder import calibration_path
+
+    path = calibration_path(settings)
+    calibration = parts.plane.engine.calibration
+    if path is None or calibration is None:
+        return None
+
+    def apply(artifact: CalibrationArtifact) -> None:
+        parts.plane.use_calibration(artifact)  # validates first (ConfigError)
+        if parts.engines is not None:
+            parts.engines.use_calibration(artifact)
+
+    return CalibrationWatcher(path, apply, parts.metrics, calibration.calibration_id,
+                              settings.calibration_poll_seconds)
+
+
 QUIET_SECONDS = 0.5
 
 
@@ -329,6 +351,10 @@ def serve(settings: Settings, on_ready: Callable[[int], None] | None = None,
         log.info("metrics", extra={"address": f"{settings.metrics.host}:"
                                               f"{metrics_http.server_port}"})
     start_serving(parts, settings, choice)
+    watcher = watch_calibration(parts, settings)
+    if watcher is not None:  # SIGHUP: read the calibration file again at once
+        signal.signal(signal.SIGHUP, lambda *_: threading.Thread(
+            target=watcher.reload, args=("sighup",), daemon=True).start())
     log.info("serving", extra={"address": f"{settings.server.host}:{parts.port}",
                                "model": engine.bundle.name})
     if on_ready is not None:
@@ -339,6 +365,8 @@ def serve(settings: Settings, on_ready: Callable[[int], None] | None = None,
             log.error("engine_process_died", extra={"pids": parts.engines.pids})
             code = 1  # NOT_SERVING, drain, exit 1: the supervisor restarts the pod
             break
+    if watcher is not None:
+        watcher.close()
     drain(parts, settings.server.grace_seconds)
     parts.plane.close()
     if parts.engines is not None:
