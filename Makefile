@@ -38,8 +38,10 @@ tools: $(BUF)
 # Debian packages the tests use: chromium (report and viewer pages), prometheus (promtool
 # and the end-to-end scrape), kubectl (kustomize), and for the container image podman,
 # buildah, runc, debootstrap (the base image, no registry here) and catatonit (podman's
-# init). Installed with apt when any is missing (root or sudo).
-SYSTEM_PACKAGES := chromium prometheus kubectl podman buildah runc debootstrap catatonit
+# init), redis-server (the shared feedback store). Installed with apt when any is missing
+# (root or sudo).
+SYSTEM_PACKAGES := chromium prometheus kubectl podman buildah runc debootstrap catatonit \
+  redis-server
 system-deps:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \

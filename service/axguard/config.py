@@ -251,6 +251,18 @@ class FeedbackSettings(BaseModel):
     twice): raise it when labels come late and in volume."""
     max_items: int = Field(default=10_000, ge=1)
     """Most items in one FeedbackRequest (more: RESOURCE_EXHAUSTED)."""
+    store: str = "memory"
+    """Where counted receipts are remembered: "memory" (this process; a label sent to two
+    replicas, or again after a restart, counts twice) or "redis://HOST:PORT/DB", shared by
+    every replica and kept across restarts (SET NX with an expiry of max_age +
+    max_clock_skew). When Redis cannot be reached, Feedback answers UNAVAILABLE."""
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, value: str) -> str:
+        if value != "memory" and not value.startswith(("redis://", "rediss://")):
+            raise ValueError('must be "memory" or a redis:// URL')
+        return value
 
     @field_validator("max_age", "max_clock_skew")
     @classmethod

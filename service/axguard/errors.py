@@ -62,6 +62,11 @@ class NonFiniteOutput(InvalidInput):
         """The item's position in its request, where an API answers a batch as a whole."""
 
 
+class StoreUnavailable(AxguardError):
+    """A shared store (the feedback duplicate filter's Redis) cannot be reached: nothing of
+    the request was counted that a retry could count again."""
+
+
 class Busy(AxguardError):
     """No room in a bounded pool right now; `retry_after` (seconds) is the server's guess of
     when there will be, sent to clients as gRPC's retry pushback."""

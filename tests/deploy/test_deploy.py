@@ -125,7 +125,8 @@ def test_kserve_inferenceservice_is_a_custom_grpc_predictor_with_a_valid_pod(tmp
 
 def deployment(target: str = "base") -> dict:
     built = run(tool("kubectl"), "kustomize", str(K8S / target)).stdout
-    return next(d for d in yaml.safe_load_all(built) if d["kind"] == "Deployment")
+    return next(d for d in yaml.safe_load_all(built)
+                if d["kind"] == "Deployment" and d["metadata"]["name"] == "axguard")
 
 
 def test_probes_security_and_drain_fit_together():
@@ -187,6 +188,28 @@ def test_overlay_gives_every_replica_the_same_receipt_keys():
     assert mounts["/receipts"]["readOnly"]
     volume = next(v for v in spec["volumes"] if v["name"] == mounts["/receipts"]["name"])
     assert volume["secret"]["items"] == [{"key": "keys", "path": "keys"}]
+
+
+def test_overlay_counts_labels_once_in_a_redis_the_servers_may_reach():
+    built = [d for d in yaml.safe_load_all(
+        run(tool("kubectl"), "kustomize", str(K8S / "overlays/custom-model")).stdout) if d]
+    container = deployment("overlays/custom-model")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    store = env["AXGUARD_FEEDBACK__STORE"]
+    service = next(d for d in built if d["kind"] == "Service"
+                   and d["metadata"]["name"] == "axguard-redis")
+    assert store == f"redis://axguard-redis:{service['spec']['ports'][0]['port']}/0"
+    redis = next(d for d in built if d["kind"] == "Deployment"
+                 and d["metadata"]["name"] == "axguard-redis")
+    pod_labels = redis["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert pod_labels["app.kubernetes.io/component"] == "feedback-store"  # not a server
+    policy = next(d for d in built if d["kind"] == "NetworkPolicy"
+                  and d["metadata"]["name"] == "axguard")["spec"]
+    to_store = [rule for rule in policy["egress"] if rule.get("to")]
+    assert to_store == [{"to": [{"podSelector": {"matchLabels": {
+        "app.kubernetes.io/component": "feedback-store"}}}],
+        "ports": [{"port": 6379, "protocol": "TCP"}]}]
 
 
 def test_overlay_mounts_model_config_and_calibration():

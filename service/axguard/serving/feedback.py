@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +257,38 @@ class DuplicateFilter:
             return "new"
 
 
+class RedisDuplicates:
+    """Counted receipts in Redis, shared by every replica and kept across restarts: one key
+    per receipt signature, set with SET NX and an expiry of the receipt's remaining life,
+    so a label counts once wherever and whenever it arrives. A store that cannot be reached
+    raises StoreUnavailable (nothing is counted)."""
+
+    def __init__(self, url: str, namespace: str, max_age_ms: int, max_skew_ms: int) -> None:
+        import redis
+
+        self._redis = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        self._errors = (redis.RedisError, OSError)
+        self.namespace = namespace
+        self.max_age_ms, self.max_skew_ms = max_age_ms, max_skew_ms
+        self.url = url.split("@")[-1]  # never log a password
+        self.errors = 0
+        """Calls that could not reach the store."""
+
+    def add(self, key: bytes, issued_ms: int, oldest_valid_ms: int) -> str:
+        """Record `key` until its receipt expires; return "new" or "duplicate"."""
+        now = oldest_valid_ms + self.max_age_ms
+        remaining = max(1, issued_ms + self.max_age_ms + self.max_skew_ms - now)
+        try:
+            created = self._redis.set(f"{self.namespace}:{key.hex()}", issued_ms, nx=True,
+                                      px=remaining)
+        except self._errors as err:
+            self.errors += 1
+            raise StoreUnavailable(f"the feedback store {self.url} cannot be reached "
+                                   f"({type(err).__name__}); retry the request: nothing "
+                                   "is counted twice", field="feedback.store") from err
+        return "new" if created else "duplicate"
+
+
 @dataclass(frozen=True)
 class Counted:
     """A label that was verified: what it says about the check."""
@@ -271,13 +303,17 @@ class FeedbackBook:
 
     def __init__(self, keys: ReceiptKeys, *, fingerprint: str, num_classes: int,
                  max_age_seconds: float, max_clock_skew_seconds: float,
-                 duplicate_capacity: int, clock=time.time) -> None:  # noqa: ANN001
+                 duplicate_capacity: int, store: str = "memory",
+                 clock=time.time) -> None:  # noqa: ANN001
         self.keys = keys
         self.model = fingerprint[:FINGERPRINT_CHARS]
         self.num_classes = num_classes
         self.max_age_ms = int(max_age_seconds * 1e3)
         self.max_skew_ms = int(max_clock_skew_seconds * 1e3)
-        self.duplicates = DuplicateFilter(duplicate_capacity)
+        self.duplicates: DuplicateFilter | RedisDuplicates = (
+            DuplicateFilter(duplicate_capacity) if store == "memory" else
+            RedisDuplicates(store, f"axguard:feedback:{self.model}", self.max_age_ms,
+                            self.max_skew_ms))
         self.clock = clock
 
     def issue(self, request_id: str, calibration_id: str, predicted_class: int,

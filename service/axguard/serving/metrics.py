@@ -77,6 +77,10 @@ class Metrics:
         self.feedback_duplicates = Counter(
             "axguard_feedback_duplicates", "Feedback items whose receipt was already counted.",
             ["model"], registry=r)
+        self.feedback_store_errors = Counter(
+            "axguard_feedback_store_errors", "Feedback requests answered UNAVAILABLE because "
+            "the shared duplicate filter (feedback.store) could not be reached.", ["model"],
+            registry=r)
         self.receipts_issued = Counter("axguard_receipts_issued", "Receipts signed.",
                                        ["model"], registry=r)
         self.calibration_promise = Gauge(
@@ -248,7 +252,7 @@ class LiveQualityCollector:
                 psi.add_metric([self.model, cid, score], value)
             yield from (items, share, psi)
         book = self.live.book
-        if book is not None:
+        if book is not None and hasattr(book.duplicates, "forgotten_early"):  # in memory
             size = GaugeMetricFamily("axguard_feedback_filter_entries",
                                      "Receipts the duplicate filter remembers.",
                                      labels=["model"])

@@ -12,7 +12,13 @@ import numpy as np
 from ..config import Settings
 from ..engine.core import CheckResult
 from ..engine.model import ModelBundle
-from ..errors import AxguardError, FailedPrecondition, InputTooLarge, InvalidInput
+from ..errors import (
+    AxguardError,
+    FailedPrecondition,
+    InputTooLarge,
+    InvalidInput,
+    StoreUnavailable,
+)
 from ..flag.drift import DriftReference, DriftWindow
 from ..flag.verdict import neg_log_one_minus_msp
 from .feedback import FeedbackBook, LabelOutOfRange, ReceiptError, ReceiptKeys
@@ -66,8 +72,11 @@ class LiveQuality:
                 ReceiptKeys(fb.key_file), fingerprint=bundle.fingerprint,
                 num_classes=len(bundle.class_names), max_age_seconds=self.max_age_seconds,
                 max_clock_skew_seconds=fb.max_clock_skew.total_seconds(),
-                duplicate_capacity=fb.duplicate_filter_size)
+                duplicate_capacity=fb.duplicate_filter_size, store=fb.store)
+            metrics.child(metrics.feedback_store_errors, metrics.model)  # from 0
             log.info("feedback_on", extra={"signing_key_id": self.book.keys.signing_key_id,
+                                           "store": getattr(self.book.duplicates, "url",
+                                                            "memory"),
                                            "max_age_seconds": self.max_age_seconds})
         else:
             log.info("feedback_off", extra={"reason": "no feedback.key_file"})
@@ -124,6 +133,11 @@ class LiveQuality:
         for index, (receipt_text, label) in enumerate(items):
             try:
                 counted = self.book.count(receipt_text, label)
+            except StoreUnavailable:
+                # Items before this one are counted and recorded in the store; a retry of
+                # the request finds them there (duplicates): none counts twice, none is lost.
+                m.child(m.feedback_store_errors, m.model).inc()
+                raise
             except ReceiptError as err:
                 m.feedback_refused.labels(m.model, err.reason).inc()
                 outcomes.append(LabelOutcome(error=refusal(err, index), reason=err.reason))

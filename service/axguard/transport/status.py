@@ -23,6 +23,7 @@ from ..errors import (
     ModelLoadError,
     NotFound,
     NotReady,
+    StoreUnavailable,
 )
 
 log = logging.getLogger("axguard.server")
@@ -33,6 +34,7 @@ STATUS_BY_ERROR: dict[type[AxguardError], grpc.StatusCode] = {
     InputTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Busy: grpc.StatusCode.RESOURCE_EXHAUSTED,
     NotReady: grpc.StatusCode.UNAVAILABLE,
+    StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     NotFound: grpc.StatusCode.NOT_FOUND,
