@@ -344,6 +344,17 @@ def serve(settings: Settings, on_ready: Callable[[int], None] | None = None,
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    watching: list[CalibrationWatcher | None] = [None]
+
+    def hangup(*_: object) -> None:
+        """SIGHUP: read the calibration file again at once (installed early: the default
+        action would end the server)."""
+        if watching[0] is None:
+            log.info("sighup_ignored", extra={"reason": "no calibration file is watched yet"})
+            return
+        threading.Thread(target=watching[0].reload, args=("sighup",), daemon=True).start()
+
+    signal.signal(signal.SIGHUP, hangup)
     metrics_http = None
     if settings.metrics.enabled:
         metrics_http, _ = start_http_server(settings.metrics.port, settings.metrics.host,
@@ -351,10 +362,7 @@ def serve(settings: Settings, on_ready: Callable[[int], None] | None = None,
         log.info("metrics", extra={"address": f"{settings.metrics.host}:"
                                               f"{metrics_http.server_port}"})
     start_serving(parts, settings, choice)
-    watcher = watch_calibration(parts, settings)
-    if watcher is not None:  # SIGHUP: read the calibration file again at once
-        signal.signal(signal.SIGHUP, lambda *_: threading.Thread(
-            target=watcher.reload, args=("sighup",), daemon=True).start())
+    watcher = watching[0] = watch_calibration(parts, settings)
     log.info("serving", extra={"address": f"{settings.server.host}:{parts.port}",
                                "model": engine.bundle.name})
     if on_ready is not None:

@@ -5,7 +5,8 @@ the same gRPC port, which the kernel shares out by connection (SO_REUSEPORT, on 
 in grpc on Linux). Workers get disjoint shares of the usable cores (so each measures its
 thread count on its own cores). The parent serves /metrics: it reads every worker's
 metrics on a loopback port at scrape time and adds a `worker` label. SIGTERM goes to every
-worker, which drains as a single server does; a worker that dies takes the pod down (exit
+worker, which drains as a single server does, and SIGHUP too (each reads its calibration
+file again); a worker that dies takes the pod down (exit
 1) so that Kubernetes restarts it.
 
 One connection always lands on one worker: a client with a single long-lived channel uses
@@ -128,6 +129,13 @@ def serve_processes(settings: Settings) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+
+    def forward_hangup(*_: object) -> None:  # each worker reads its calibration again
+        for process, _receive in workers:
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signal.SIGHUP)
+
+    signal.signal(signal.SIGHUP, forward_hangup)
 
     def stop_workers() -> None:
         for process, _ in workers:
