@@ -200,7 +200,9 @@ def test_the_wire_keeps_every_option_and_every_answer(demo_engine):
     asked = [demo_engine.resolve(CheckItem(images[0], label=4, return_heatmaps=True)),
              demo_engine.resolve(CheckItem(images[1], prediction_only=True)),
              demo_engine.resolve(CheckItem(images[2], pairs=[("deconvolution", "product")]))]
-    received = engines._items_from_wire(engines._items_to_wire(asked))
+    received, calibration = engines._batch_from_wire(engines._items_to_wire(asked))
+    assert calibration is None
+    assert engines._batch_from_wire(engines._items_to_wire(asked, "{}"))[1] == "{}"
     for a, b in zip(asked, received, strict=True):
         assert type(b) is type(a)
         assert torch.equal(a.image, b.image)

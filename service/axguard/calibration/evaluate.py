@@ -98,11 +98,7 @@ def scored_evaluation(engine: Engine, images: LabelledImages, *, n_bootstrap: in
             aurocs.append(ScoreAuroc(name=name, label_free=not name.startswith("co_labelled"),
                                      auroc=Interval(value=m.auroc(is_error, error_score),
                                                     low=lo, high=hi)))
-        paired = m.paired_auroc_difference(is_error, risk, -features["msp"],
-                                           n_resamples=n_bootstrap, seed=seed)
-    else:
-        paired = {"difference": float("nan"), "low": float("nan"), "high": float("nan"),
-                  "p_not_better": float("nan")}
+    paired = _paired(is_error, risk, -features["msp"], n_bootstrap, seed)
     return (Evaluation(
         calibration_id=artifact.calibration_id, data_source=images.source,
         n_images=len(is_error), n_errors=n_err, accuracy=n_ok / len(is_error),
@@ -114,6 +110,16 @@ def scored_evaluation(engine: Engine, images: LabelledImages, *, n_bootstrap: in
         risk_vs_msp=PairedDifference(a="risk", b="msp", **paired),
         left_out=data.left_out,
     ), is_error, risk)
+
+
+def _paired(is_error: np.ndarray, a: np.ndarray, b: np.ndarray, n_bootstrap: int,
+            seed: int) -> dict[str, float]:
+    """AUROC(a) − AUROC(b) with its paired bootstrap; NaN without both errors and correct
+    predictions."""
+    if is_error.any() and (~is_error).any():
+        return m.paired_auroc_difference(is_error, a, b, n_resamples=n_bootstrap, seed=seed)
+    return {"difference": float("nan"), "low": float("nan"), "high": float("nan"),
+            "p_not_better": float("nan")}
 
 
 class Comparison(BaseModel):
@@ -145,12 +151,7 @@ def compare(new: Engine, old: Engine, images: LabelledImages, *, n_bootstrap: in
     if a.left_out != b.left_out or not np.array_equal(errors_a, errors_b):
         raise ConfigError("the two calibrations' engines do not predict alike on these "
                           "images: compare calibrations of one model", field="compare")
-    if errors_a.any() and (~errors_a).any():
-        paired = m.paired_auroc_difference(errors_a, risk_a, risk_b, n_resamples=n_bootstrap,
-                                           seed=seed)
-    else:
-        paired = {"difference": float("nan"), "low": float("nan"), "high": float("nan"),
-                  "p_not_better": float("nan")}
+    paired = _paired(errors_a, risk_a, risk_b, n_bootstrap, seed)
     return Comparison(new=a, old=b, risk_new_vs_old=PairedDifference(
         a=f"risk {a.calibration_id}", b=f"risk {b.calibration_id}", **paired),
         error_recall_change=a.error_recall - b.error_recall,

@@ -277,27 +277,26 @@ class Engine:
         for name in self.default_methods:
             self._heatmap_fn(name)
         if calibration is not None:
-            self._prepare(calibration)
-            self.calibration, self.plan = calibration, EvidencePlan.of(calibration.flag.families)
+            self.calibration, self.plan = calibration, self._prepare(calibration)
 
-    def _prepare(self, calibration: CalibrationArtifact) -> None:
-        """Check that the calibration belongs to this model (ConfigError otherwise) and
-        build the methods and views its verdict needs."""
+    def _prepare(self, calibration: CalibrationArtifact) -> EvidencePlan:
+        """Check that the calibration belongs to this model and that the methods it needs
+        are available here (ConfigError otherwise), build those methods and views, and
+        return its plan."""
         check_matches(calibration, self.bundle.fingerprint, self.available)
         plan = EvidencePlan.of(calibration.flag.families)
         for name in plan.methods:
-            self._require_usable(name)
             self._heatmap_fn(name)
         for text in plan.views:
             self._view(text)
+        return plan
 
     def use_calibration(self, calibration: CalibrationArtifact) -> None:
         """Judge every later batch with `calibration` (validated first: ConfigError, and the
         old one stays). A batch that is running finishes with the old one: the swap waits
         for the engine's lock."""
         with self._lock:
-            self._prepare(calibration)
-            self.calibration, self.plan = calibration, EvidencePlan.of(calibration.flag.families)
+            self.calibration, self.plan = calibration, self._prepare(calibration)
 
     def _probed(self, report: list[attribution.MethodStatus]) -> list[attribution.MethodStatus]:
         """Run Captum's own methods (DeepLift, Grad-CAM) once on a grey image: one that

@@ -197,6 +197,10 @@ class DynamicBatcher:
         for thread in self._threads:
             thread.join(timeout=30)
 
+    def _drop_this_runner(self) -> None:
+        """Forget the calling runner thread (it is about to end); under _stats_lock."""
+        self._threads = [t for t in self._threads if t is not threading.current_thread()]
+
     def _run(self, run: Runner) -> None:
         while True:
             first = self._queue.get()
@@ -206,8 +210,7 @@ class DynamicBatcher:
             if threading.current_thread().name in self._retired:
                 self._queue.put(first)  # taken by another runner
                 with self._stats_lock:
-                    self._threads = [t for t in self._threads
-                                     if t is not threading.current_thread()]
+                    self._drop_this_runner()
                 return
             jobs = [first]
             deadline = time.perf_counter() + self.max_delay
@@ -240,13 +243,11 @@ class DynamicBatcher:
         try:
             results = run([j.item for j in live])
         except RunnerLost as err:
+            log.error("batch_runner_lost", extra={"size": len(live), "reason": str(err)})
             with self._stats_lock:
                 self.in_flight -= len(live)
                 self.stats.lost_runners += 1
-            log.error("batch_runner_lost", extra={"size": len(live), "reason": str(err)})
-            with self._stats_lock:
-                self._threads = [t for t in self._threads
-                                 if t is not threading.current_thread()]
+                self._drop_this_runner()
                 if not [t for t in self._threads if t.name not in self._retired]:
                     log.error("batch_runners_all_lost", extra={"fallback": "engine"})
                     self.add_runner(self.engine.check)  # the serving process's own engine

@@ -271,8 +271,6 @@ class RedisDuplicates:
         self.namespace = namespace
         self.max_age_ms, self.max_skew_ms = max_age_ms, max_skew_ms
         self.url = url.split("@")[-1]  # never log a password
-        self.errors = 0
-        """Calls that could not reach the store."""
 
     def add(self, key: bytes, issued_ms: int, oldest_valid_ms: int) -> str:
         """Record `key` until its receipt expires; return "new" or "duplicate"."""
@@ -282,7 +280,6 @@ class RedisDuplicates:
             created = self._redis.set(f"{self.namespace}:{key.hex()}", issued_ms, nx=True,
                                       px=remaining)
         except self._errors as err:
-            self.errors += 1
             raise StoreUnavailable(f"the feedback store {self.url} cannot be reached "
                                    f"({type(err).__name__}); retry the request: nothing "
                                    "is counted twice", field="feedback.store") from err

@@ -125,6 +125,8 @@ class Metrics:
         self._stage = {stage: self.duration.labels(model, stage) for stage in STAGES}
         self._batch_size = self.batch_size.labels(model)
         self._risk = self.risk.labels(model)
+        self._model_info_labels: tuple[str, str, str, str] | None = None
+        """The labels of the model_info series now published (set_model)."""
 
     def child(self, metric, *labels: str):  # noqa: ANN001, ANN201  (a prometheus metric)
         """Return metric.labels(*labels), looked up once per label set."""
@@ -137,10 +139,10 @@ class Metrics:
     def set_model(self, version: str, fingerprint: str, calibration_id: str) -> None:
         """Publish the model info and whether a calibration is loaded (a new calibration
         replaces the old info series)."""
-        for labels in list(getattr(self, "_model_info_labels", ())):
-            self.model_info.remove(*labels)
-        self._model_info_labels = [(self.model, version, fingerprint, calibration_id)]
-        self.model_info.labels(self.model, version, fingerprint, calibration_id).set(1)
+        if self._model_info_labels is not None:
+            self.model_info.remove(*self._model_info_labels)
+        self._model_info_labels = (self.model, version, fingerprint, calibration_id)
+        self.model_info.labels(*self._model_info_labels).set(1)
         self.calibrated.labels(self.model).set(1 if calibration_id else 0)
 
     def set_calibration(self, artifact) -> None:  # noqa: ANN001  (CalibrationArtifact)

@@ -65,7 +65,8 @@ COUNTERS = ("zero_heatmaps", "captum_calls", "nonfinite_outputs")
 
 @dataclasses.dataclass(frozen=True)
 class ProcessChoice:
-    """How many engine processes, and why (logged and in GetModelInfo)."""
+    """How many engine processes, and why (logged, and the count in
+    axguard_engine_processes)."""
 
     processes: int
     """Engine processes beside the serving process (0: the engine runs in it)."""
@@ -74,7 +75,7 @@ class ProcessChoice:
     reason: str = ""
 
     def describe(self) -> str:
-        """One line for logs and GetModelInfo."""
+        """One line for the log."""
         return f"{self.processes} ({self.source}{': ' + self.reason if self.reason else ''})"
 
 
@@ -83,6 +84,17 @@ def model_bytes(engine: Engine) -> int:
     network = engine.bundle.network
     return sum(t.numel() * t.element_size()
                for t in (*network.parameters(), *network.buffers()))
+
+
+def _kib_field(path: Path, key: str) -> int | None:
+    """Bytes of a "KEY:  N kB" line of a /proc file (meminfo, status), or None."""
+    try:
+        for line in path.read_text().splitlines():
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def available_memory_bytes(cgroup: Path = Path("/sys/fs/cgroup"),
@@ -95,24 +107,12 @@ def available_memory_bytes(cgroup: Path = Path("/sys/fs/cgroup"),
             return max(0, int(limit) - int((cgroup / "memory.current").read_text()))
     except (OSError, ValueError):
         pass
-    try:
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return None
+    return _kib_field(meminfo, "MemAvailable")
 
 
 def resident_bytes(status: Path = Path("/proc/self/status")) -> int | None:
     """This process's resident memory (VmRSS), or None when it cannot be read."""
-    try:
-        for line in status.read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return None
+    return _kib_field(status, "VmRSS")
 
 
 def engine_process_count(cores: int, choice: ThreadChoice, device: str, weights_bytes: int,
@@ -176,21 +176,17 @@ def _items_to_wire(items: list[CheckItem], calibration: str | None = None) -> by
     return pickle.dumps((images, options, calibration), protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def _items_from_wire(data: bytes) -> list[CheckItem]:
-    return _batch_from_wire(data)[0]
-
-
 def _batch_from_wire(data: bytes) -> tuple[list[CheckItem], str | None]:
+    """The items of a batch (validated by the serving process) and the calibration JSON
+    it carries, if any."""
     images, options, calibration = pickle.loads(data)
-    return _items_of(images, options), calibration
-
-
-def _items_of(images, options) -> list[CheckItem]:  # noqa: ANN001
     pixels = torch.from_numpy(images)
-    return [ResolvedItem(pixels[k], methods, processes, label, heatmaps, prediction_only,
-                         verdict_only, pairs, image_checked=True)
-            for k, (methods, processes, label, heatmaps, prediction_only, verdict_only, pairs)
-            in enumerate(options)]
+    items: list[CheckItem] = [
+        ResolvedItem(pixels[k], methods, processes, label, heatmaps, prediction_only,
+                     verdict_only, pairs, image_checked=True)
+        for k, (methods, processes, label, heatmaps, prediction_only, verdict_only, pairs)
+        in enumerate(options)]
+    return items, calibration
 
 
 def _result_to_wire(r: CheckResult) -> tuple:
